@@ -1,0 +1,268 @@
+"""The one training step, training loop and per-domain evaluation every lesson uses.
+
+Every method in this course (a scratch baseline, Rein, tqdm, CAT-Seg, QueryDiff, MFuser) trains
+through :func:`train` and is scored by :func:`evaluate_domains`; ``reprod.train`` wraps the same
+functions with configs, DDP and checkpoints at real scale.
+
+A model plugs in through one small protocol:
+
+- ``model(images)`` returns per-pixel class logits (B, K, h, w) at any resolution; they are
+  resized (bilinear) to the label size for the loss and for prediction; or
+- the model defines ``model.loss(images, labels) -> dict[str, Tensor]`` (e.g. Mask2Former's
+  matching losses; every entry is summed) and/or ``model.predict(images) -> (B, K, h, w)``
+  per-pixel class scores (e.g. Mask2Former's semantic inference), which take precedence.
+
+Dimension glossary: B batch, K classes, H W label height and width, h w logit height and width.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from lessons.classes import IGNORE_INDEX, NUM_CLASSES
+from lessons.metrics import ConfusionMatrix, per_class_iou
+from lessons.utils import get_device
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of :func:`train`; the defaults suit a toy model on ToyWorld at 64x128 on a CPU."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"         # adamw or sgd (momentum 0.9)
+    schedule: str = "poly"           # poly (power 0.9, as the papers' configs), linear, constant
+    warmup_steps: int = 0            # linear warm-up from 1e-6 x lr
+    grad_clip: float | None = None   # max gradient norm
+    eval_every: int = 0              # steps between validations (0: only at the end)
+    eval_batches: int | None = None  # cap on validation batches (None: the whole set)
+    select_best: bool = True         # restore the weights with the best validation mIoU
+    num_workers: int = 0
+    seed: int = 0
+    progress: bool = True            # tqdm progress bar
+    device: str | None = None        # None: CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, "
+                             f"{self.batch_size}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adamw or sgd")
+        if self.schedule not in ("poly", "linear", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose poly, linear, constant")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TrainConfig:
+        """Build from a mapping, naming any unknown key (a typo must not pass silently)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class History:
+    """What :func:`train` records: losses per step, validation mIoU per evaluation, timing."""
+
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_miou: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    best_miou: float | None = None
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    config: dict = field(default_factory=dict)
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor,
+                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Pixel-wise cross-entropy; logits (B, K, h, w) are resized to labels (B, H, W) first."""
+    if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected logits (B, K, h, w) and labels (B, H, W), got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    logits = resize_to(logits, labels.shape[-2:])                       # (B, K, H, W)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+
+def resize_to(logits: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize of (B, K, h, w) logits to (B, K, H, W); a no-op at the same size."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def compute_losses(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """The model's own ``loss`` if it has one, else cross-entropy on ``model(images)``."""
+    if hasattr(model, "loss"):
+        return dict(model.loss(images, labels))
+    return {"loss_ce": segmentation_loss(model(images), labels)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class scores (B, K, H, W) at the image size."""
+    scores = model.predict(images) if hasattr(model, "predict") else model(images)
+    return resize_to(scores, images.shape[-2:])
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): warm-up, then poly / linear / constant."""
+    if step < cfg.warmup_steps:
+        return 1e-6 + (1 - 1e-6) * step / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "poly":
+        return (1 - t) ** 0.9
+    if cfg.schedule == "linear":
+        return 1 - t
+    return 1.0
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, grad_clip: float | None = None
+               ) -> dict[str, float]:
+    """One optimisation step: forward, summed losses, backward, (clip), step. Returns floats."""
+    model.train()
+    losses = compute_losses(model, images, labels)
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        parts = {k: round(v.item(), 4) for k, v in losses.items()}
+        raise FloatingPointError(f"non-finite loss {total.item()} (parts: {parts})")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    out = {k: v.detach().item() for k, v in losses.items()}
+    out["loss"] = total.detach().item()
+    return out
+
+
+def _batches(dataset: Dataset, cfg: TrainConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled batches, reshuffled each epoch from the config's seed."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.num_workers, generator=g)
+    if len(loader) == 0:
+        raise ValueError(f"dataset of {len(dataset)} items is smaller than one batch "
+                         f"({cfg.batch_size})")
+    while True:
+        yield from loader
+
+
+def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
+          val_dataset: Dataset | None = None,
+          callback: Callable[[int, dict[str, float]], None] | None = None) -> History:
+    """Train ``model`` on ``dataset`` for ``config.steps`` steps; validate on ``val_dataset``.
+
+    With a validation set and ``select_best``, the weights with the best validation mIoU are
+    restored at the end (model selection on the validation style, as the toy protocol says).
+    """
+    cfg = config or TrainConfig()
+    device = torch.device(cfg.device) if cfg.device else get_device()
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    hist = History(config=asdict(cfg))
+    best_state = None
+    batches = _batches(dataset, cfg)
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train", leave=False)
+    for step in bar:
+        images, labels = next(batches)
+        out = train_step(model, images.to(device), labels.to(device), optimizer, cfg.grad_clip)
+        hist.steps.append(step + 1)
+        hist.loss.append(out["loss"])
+        hist.lr.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+        bar.set_postfix(loss=f"{out['loss']:.3f}")
+        if callback is not None:
+            callback(step + 1, out)
+        last = step + 1 == cfg.steps
+        due = last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+        if val_dataset is not None and due:
+            miou = evaluate(model, val_dataset, batch_size=cfg.batch_size * 2,
+                            max_batches=cfg.eval_batches)["mean_iou"]
+            hist.val_steps.append(step + 1)
+            hist.val_miou.append(miou)
+            if hist.best_miou is None or miou > hist.best_miou:
+                hist.best_miou, hist.best_step = miou, step + 1
+                if cfg.select_best and not last:
+                    best_state = copy.deepcopy(model.state_dict())
+    hist.seconds = time.perf_counter() - start
+    hist.images_per_second = cfg.steps * cfg.batch_size / max(hist.seconds, 1e-9)
+    if best_state is not None and hist.best_step != cfg.steps:
+        model.load_state_dict(best_state)
+    return hist
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 32,
+             num_classes: int = NUM_CLASSES, max_batches: int | None = None,
+             device: torch.device | str | None = None) -> dict:
+    """mIoU of ``model`` over ``dataset``: dict with mean_iou, per_class_iou (K,), confusion."""
+    device = torch.device(device) if device else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for k, (images, labels) in enumerate(loader):
+        if max_batches is not None and k >= max_batches:
+            break
+        scores = predict(model, images.to(device))                       # (B, K, H, W)
+        cm.update(scores.argmax(1), labels.to(device))
+    model.train(was_training)
+    return {"mean_iou": _nan_to_zero(cm.compute()["mean_iou"]),
+            "per_class_iou": per_class_iou(cm.matrix), "confusion": cm.matrix}
+
+
+def evaluate_domains(model: nn.Module, datasets: Mapping[str, Dataset], batch_size: int = 32,
+                     progress: bool = False) -> dict[str, float]:
+    """mIoU per domain, in the mapping's order: ``{domain: miou}`` (fractions in [0, 1])."""
+    out = {}
+    for name, ds in tqdm(datasets.items(), disable=not progress, desc="evaluate", leave=False):
+        out[name] = evaluate(model, ds, batch_size=batch_size)["mean_iou"]
+    return out
+
+
+def domain_table(results: Mapping[str, Mapping[str, float]], digits: int = 1) -> str:
+    """A text table of mIoU (%) with models as rows and domains as columns (plus their mean)."""
+    domains = list(next(iter(results.values())).keys())
+    width = max(9, *(len(d) + 1 for d in domains))
+    name_w = max(12, *(len(m) + 1 for m in results))
+    lines = [f"{'model':<{name_w}}" + "".join(f"{d:>{width}}" for d in domains)
+             + f"{'mean':>{width}}"]
+    for model_name, res in results.items():
+        vals = [100 * res[d] for d in domains]
+        lines.append(f"{model_name:<{name_w}}" + "".join(f"{v:>{width}.{digits}f}" for v in vals)
+                     + f"{sum(vals) / len(vals):>{width}.{digits}f}")
+    return "\n".join(lines)
+
+
+def _nan_to_zero(x: float) -> float:
+    return 0.0 if math.isnan(x) else float(x)

@@ -1,0 +1,91 @@
+"""Small utilities every lesson uses: seeding, device and thread choice, the package digest.
+
+Nothing here reads environment variables: notebooks and scripts pass their choices in.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """CUDA when present, else CPU (MPS only when asked for by name: its kernels still differ)."""
+    if prefer is not None:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(n: int | None) -> int:
+    """Pin PyTorch's intra-op threads (``None`` leaves them as they are); returns the count."""
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"thread count must be >= 1, got {n}")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters of a module."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _lessons_imports(path: Path) -> set[str]:
+    """Names of the ``lessons`` modules one file imports (``lessons.x`` -> ``x``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[0] == "lessons":
+                if len(parts) > 1:
+                    found.add(parts[1])
+                else:
+                    found.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                parts = a.name.split(".")
+                if parts[0] == "lessons" and len(parts) > 1:
+                    found.add(parts[1])
+    return {m for m in found if (PACKAGE_DIR / f"{m}.py").exists()}
+
+
+def module_closure(modules: set[str] | list[str]) -> list[str]:
+    """The given ``lessons`` modules and every ``lessons`` module they import, transitively."""
+    todo, seen = list(modules), set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        if not (PACKAGE_DIR / f"{m}.py").exists():
+            raise ValueError(f"no module lessons.{m} (looked for {PACKAGE_DIR / f'{m}.py'})")
+        seen.add(m)
+        todo.extend(_lessons_imports(PACKAGE_DIR / f"{m}.py") - seen)
+    return sorted(seen)
+
+
+def lessons_digest(modules: list[str] | set[str] | None = None) -> str:
+    """sha256 (16 hex digits) of the source of ``lessons`` modules (default: all of them).
+
+    Notebooks record the digest of the modules they import (with their imports), so a test can
+    tell when a notebook's committed outputs were made by older code.
+    """
+    names = module_closure(modules) if modules is not None else sorted(
+        p.stem for p in PACKAGE_DIR.glob("*.py"))
+    h = hashlib.sha256()
+    for m in names:
+        h.update(m.encode() + b"\0" + (PACKAGE_DIR / f"{m}.py").read_bytes() + b"\0")
+    return h.hexdigest()[:16]

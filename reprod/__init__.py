@@ -1,0 +1,1 @@
+"""Reproduction at scale: training, evaluation, benchmarks and published results."""
