@@ -24,7 +24,9 @@ PYTHON_RANGE = ((3, 10), (3, 14))  # >=3.10,<3.14
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+    """(major, minor, micro) of a version string, zero-padded so 6.0 == 6.0.0."""
+    parts = [int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 def declared_minimums() -> dict[str, str]:

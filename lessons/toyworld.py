@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -348,10 +349,15 @@ def _street(scene: Scene, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return label, shade
 
 
+def _px(v: float) -> int:
+    """Pixel edge nearest to ``v`` (halves round up, so integer widths survive any offset)."""
+    return math.floor(v + 0.5)
+
+
 def _box(label, shade, y0, y1, x0, x1, cls, s) -> None:
     h, w = label.shape
-    y0, y1 = max(round(y0), 0), min(round(y1), h)
-    x0, x1 = max(round(x0), 0), min(round(x1), w)
+    y0, y1 = max(_px(y0), 0), min(_px(y1), h)
+    x0, x1 = max(_px(x0), 0), min(_px(x1), w)
     if y1 > y0 and x1 > x0:
         label[y0:y1, x0:x1] = cls
         shade[y0:y1, x0:x1] = s
@@ -411,19 +417,29 @@ def _tree(label, shade, t: Thing, x, yb, s) -> None:
     _ellipse(label, shade, yb - trunk_h - 0.7 * ry, x, ry, r, VEGETATION, t.shade)
 
 
-def _pole(label, shade, t: Thing, x, yb, s, h, w) -> None:
-    """Pole with an optional sign or light; every part at least W/16 wide and H/4 tall."""
-    pw, min_h = w / 16.0, h / 4.0
+def _pole_half_width(t: Thing, s: float, w: int) -> float:
+    """Half-width of a pole with what it carries (a sign is wider than its pole)."""
+    pole = math.ceil(w / 16) / 2
+    return max(0.35 * s, pole) if t.extra == 1 else pole
+
+
+def _pole(label, shade, t: Thing, x, yb, s, h, w, floor) -> None:
+    """Pole centred at column ``x`` with an optional sign or light.
+
+    Every part is at least W/16 wide and H/4 tall; ``floor`` is the lowest visible row (above the
+    ego hood), so no part hides behind it. ``x`` must keep the sign inside the image.
+    """
+    pw, min_h = math.ceil(w / 16), math.ceil(h / 4)
     ph = max(3.6 * s, 2 * min_h)
-    x0 = min(max(x - pw / 2, 0.0), w - pw)
+    yb = min(yb, floor)
     top = max(yb - ph, 0.0)
     yb = max(yb, top + 2 * min_h)
-    _box(label, shade, top, yb, x0, x0 + pw, POLE, 0.4)
+    _box(label, shade, top, yb, x - pw / 2, x + pw / 2, POLE, 0.4)
     if t.extra == 1:
-        sw = max(0.7 * s, pw)
-        sx = min(max(x - sw / 2, 0.0), w - sw)
-        _box(label, shade, top, top + min_h, sx, sx + sw, SIGN, t.shade)
+        sw = 2 * _pole_half_width(t, s, w)
+        _box(label, shade, top, top + min_h, x - sw / 2, x + sw / 2, SIGN, t.shade)
     elif t.extra == 2:
+        x0 = x - pw / 2
         _box(label, shade, top, top + min_h, x0, x0 + pw, LIGHT, 0.1)
         lamp_y = top + min_h * (0.15 + 0.3 * int(t.shade * 3))
         _box(label, shade, lamp_y, lamp_y + min_h * 0.25, x0 + pw * 0.25, x0 + pw * 0.75,
@@ -455,9 +471,10 @@ def rasterize(scene: Scene, size: tuple[int, int] = DEFAULT_SIZE
             poles.append((t, x, yb, s))
     placed: list[tuple[float, float]] = []                           # thin classes last
     for t, x, yb, s in poles:
-        half = max(0.35 * s, w / 32.0) + w / 32.0
-        if all(abs(x - px) > half + ph for px, ph in placed):
-            _pole(label, shade, t, x, yb, s, h, w)
+        half = _pole_half_width(t, s, w)
+        x = min(max(x, half), w - half)                              # keep it inside the image
+        if all(abs(x - px) >= half + ph + 1 for px, ph in placed):   # never overlap another
+            _pole(label, shade, t, x, yb, s, h, w, h * (1.0 - cam.hood))
             placed.append((x, half))
     if cam.hood > 0:                                                 # ego-vehicle hood: ignore
         yy, xx = _grid(h, w)
@@ -759,12 +776,23 @@ def _check_size(size) -> tuple[int, int]:
     return h, w
 
 
+def _check_seed(seed, what: str = "seed") -> int:
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"{what} must be a non-negative integer, got {seed!r}") from None
+    if value < 0 or isinstance(seed, bool):
+        raise ValueError(f"{what} must be a non-negative integer, got {seed!r}")
+    return value
+
+
 def scene_seed(seed: int, domain: str, split: str, index: int) -> list[int]:
     """The seed words of one dataset scene: distinct for every (seed, domain, split, index)."""
     _check_domain(domain)
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    return [int(seed), _DOMAIN_CODE[domain], _SPLIT_CODE[split], int(index)]
+    return [_check_seed(seed), _DOMAIN_CODE[domain], _SPLIT_CODE[split],
+            _check_seed(index, "index")]
 
 
 def render(scene: Scene, style: Style, size: tuple[int, int] = DEFAULT_SIZE,
@@ -788,6 +816,9 @@ def render_across_domains(seed: int, size: tuple[int, int] = DEFAULT_SIZE,
     """One scene (the source camera) in every domain's style: pixel-aligned (image, label) pairs."""
     scene = draw_scene(np.random.default_rng([seed, 99, 0]))
     label, shade = rasterize(scene, size)
+    for d in domains:
+        _check_domain(d)
+    _check_seed(seed)
     out = {}
     for d in domains:
         rng = np.random.default_rng([seed, 99, 1, _DOMAIN_CODE[d]])
@@ -806,9 +837,8 @@ class ToyWorld(Dataset):
 
     def __init__(self, domain: str = SOURCE_DOMAIN, split: str = "train",
                  size: tuple[int, int] = DEFAULT_SIZE, length: int = 1000, seed: int = 0):
-        _check_domain(domain)
-        scene_seed(seed, domain, split, 0)   # validates the split
-        if int(length) != length or length < 1:
+        scene_seed(seed, domain, split, 0)   # validates domain, split and seed
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
             raise ValueError(f"length must be a positive integer, got {length!r}")
         self.domain, self.split, self.size = domain, split, _check_size(size)
         self.length, self.seed = int(length), int(seed)
@@ -817,6 +847,7 @@ class ToyWorld(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = operator.index(index)
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for a ToyWorld of length {self.length}")
         index %= self.length

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lessons.classes import IGNORE_INDEX, NUM_CLASSES
 from lessons.metrics import ConfusionMatrix, per_class_iou
@@ -109,7 +109,7 @@ def resize_to(logits: torch.Tensor, size) -> torch.Tensor:
 def compute_losses(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                    ) -> dict[str, torch.Tensor]:
     """The model's own ``loss`` if it has one, else cross-entropy on ``model(images)``."""
-    if hasattr(model, "loss"):
+    if _has_method(model, "loss"):
         return dict(model.loss(images, labels))
     return {"loss_ce": segmentation_loss(model(images), labels)}
 
@@ -117,7 +117,7 @@ def compute_losses(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Per-pixel class scores (B, K, H, W) at the image size."""
-    scores = model.predict(images) if hasattr(model, "predict") else model(images)
+    scores = model.predict(images) if _has_method(model, "predict") else model(images)
     return resize_to(scores, images.shape[-2:])
 
 
@@ -134,7 +134,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Learning-rate multiplier at ``step`` (0-based): warm-up, then poly / linear / constant."""
     if step < cfg.warmup_steps:
         return 1e-6 + (1 - 1e-6) * step / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    t = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
     if cfg.schedule == "poly":
         return (1 - t) ** 0.9
     if cfg.schedule == "linear":
@@ -192,7 +192,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
     best_state = None
     batches = _batches(dataset, cfg)
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train", leave=False)
+    bar = tqdm(range(cfg.steps), desc="train", leave=False, **_quiet(cfg.progress))
     for step in bar:
         images, labels = next(batches)
         out = train_step(model, images.to(device), labels.to(device), optimizer, cfg.grad_clip)
@@ -226,7 +226,8 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 32,
              num_classes: int = NUM_CLASSES, max_batches: int | None = None,
              device: torch.device | str | None = None) -> dict:
     """mIoU of ``model`` over ``dataset``: dict with mean_iou, per_class_iou (K,), confusion."""
-    device = torch.device(device) if device else next(model.parameters()).device
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes)
@@ -245,13 +246,15 @@ def evaluate_domains(model: nn.Module, datasets: Mapping[str, Dataset], batch_si
                      progress: bool = False) -> dict[str, float]:
     """mIoU per domain, in the mapping's order: ``{domain: miou}`` (fractions in [0, 1])."""
     out = {}
-    for name, ds in tqdm(datasets.items(), disable=not progress, desc="evaluate", leave=False):
+    for name, ds in tqdm(datasets.items(), desc="evaluate", leave=False, **_quiet(progress)):
         out[name] = evaluate(model, ds, batch_size=batch_size)["mean_iou"]
     return out
 
 
 def domain_table(results: Mapping[str, Mapping[str, float]], digits: int = 1) -> str:
     """A text table of mIoU (%) with models as rows and domains as columns (plus their mean)."""
+    if not results or not all(results.values()):
+        raise ValueError("domain_table needs at least one model with at least one domain")
     domains = list(next(iter(results.values())).keys())
     width = max(9, *(len(d) + 1 for d in domains))
     name_w = max(12, *(len(m) + 1 for m in results))
@@ -262,6 +265,16 @@ def domain_table(results: Mapping[str, Mapping[str, float]], digits: int = 1) ->
         lines.append(f"{model_name:<{name_w}}" + "".join(f"{v:>{width}.{digits}f}" for v in vals)
                      + f"{sum(vals) / len(vals):>{width}.{digits}f}")
     return "\n".join(lines)
+
+
+def _quiet(progress: bool) -> dict:
+    """tqdm arguments: off when asked, else tqdm's defaults (so TQDM_DISABLE=1 still works)."""
+    return {} if progress else {"disable": True}
+
+
+def _has_method(model: nn.Module, name: str) -> bool:
+    """A method defined on the model's class (not a sub-module that happens to share the name)."""
+    return callable(getattr(type(model), name, None))
 
 
 def _nan_to_zero(x: float) -> float:

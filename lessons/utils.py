@@ -44,10 +44,10 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> in
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _lessons_imports(path: Path) -> set[str]:
-    """Names of the ``lessons`` modules one file imports (``lessons.x`` -> ``x``)."""
+def lessons_imports(source: str) -> set[str]:
+    """The ``lessons`` modules a piece of Python source imports (``lessons.x`` -> ``x``)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             parts = node.module.split(".")
             if parts[0] == "lessons":
@@ -63,9 +63,9 @@ def _lessons_imports(path: Path) -> set[str]:
     return {m for m in found if (PACKAGE_DIR / f"{m}.py").exists()}
 
 
-def module_closure(modules: set[str] | list[str]) -> list[str]:
+def module_closure(modules: str | set[str] | list[str]) -> list[str]:
     """The given ``lessons`` modules and every ``lessons`` module they import, transitively."""
-    todo, seen = list(modules), set()
+    todo, seen = [modules] if isinstance(modules, str) else list(modules), set()
     while todo:
         m = todo.pop()
         if m in seen:
@@ -73,11 +73,11 @@ def module_closure(modules: set[str] | list[str]) -> list[str]:
         if not (PACKAGE_DIR / f"{m}.py").exists():
             raise ValueError(f"no module lessons.{m} (looked for {PACKAGE_DIR / f'{m}.py'})")
         seen.add(m)
-        todo.extend(_lessons_imports(PACKAGE_DIR / f"{m}.py") - seen)
+        todo.extend(lessons_imports((PACKAGE_DIR / f"{m}.py").read_text("utf-8")) - seen)
     return sorted(seen)
 
 
-def lessons_digest(modules: list[str] | set[str] | None = None) -> str:
+def lessons_digest(modules: str | list[str] | set[str] | None = None) -> str:
     """sha256 (16 hex digits) of the source of ``lessons`` modules (default: all of them).
 
     Notebooks record the digest of the modules they import (with their imports), so a test can

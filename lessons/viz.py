@@ -238,6 +238,8 @@ def bar_by_domain(
     top = max([*values, reference if reference is not None else 0.0])
     ax.set_ylim(0, top * 1.12 if top > 0 else 1)
     ax.set(xlabel="", ylabel=ylabel)
+    if len(domains) > 6:
+        ax.tick_params(axis="x", labelrotation=30)
     if title is not None:
         ax.set_title(title)
     return ax

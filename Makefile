@@ -1,0 +1,54 @@
+# dgss-lessons: one command to set up and run, one to set up and test.
+#   make lab        set up .venv, then JupyterLab on notebooks/          (the main job)
+#   make lessons    set up, then execute every lesson headless into build/notebooks/
+#   make test       set up, then run every test (unit tests + nbval over all notebooks)
+#   make notebooks  re-execute every notebook in place: the canonical way to refresh outputs
+#   make bench      ToyWorld rendering benchmark
+# Needs only Python >= 3.10 with venv. TORCH pins the PyTorch wheels (PyPI; no other index).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dgss-installed
+
+.PHONY: setup lab lessons test test-fast notebooks bench check-env lint hooks clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+lessons: setup
+	$(PY) -m reprod.notebooks --execute-to build/notebooks
+
+test: setup
+	$(PY) -m pytest -n 2 --dist loadscope
+
+test-fast: setup
+	$(PY) -m pytest tests -n 2
+
+notebooks: setup
+	$(PY) -m reprod.notebooks --in-place
+
+bench: setup
+	$(PY) -m reprod.bench_toyworld
+
+check-env: setup
+	$(PY) -m lessons.check_env
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+hooks: setup
+	$(VENV)/bin/nbstripout --install --keep-output --keep-count
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,140 @@
+"""Execute the lesson notebooks: the one canonical way to regenerate their committed outputs.
+
+    python -m reprod.notebooks --in-place            # refresh outputs + metadata (make notebooks)
+    python -m reprod.notebooks --execute-to DIR      # run every lesson headless into DIR
+    python -m reprod.notebooks --check               # exit 1 if committed outputs are stale
+    python -m reprod.notebooks --in-place notebooks/00_dgss_problem.ipynb   # just one
+
+Outputs are always made the same way: a fresh kernel per notebook in this environment, on the
+CPU, with progress bars off and ``OMP_NUM_THREADS=2`` (the laptop the lessons are timed on). The
+notebook's metadata records ``dgss_lessons``: the ToyWorld version and the digest of the
+``lessons`` modules the notebook imports (with their own imports), so a test can tell when
+outputs were made by older code. Files are then cleaned with
+``nbstripout --keep-output --keep-count``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+META_KEY = "dgss_lessons"
+
+
+def all_notebooks() -> list[Path]:
+    """Every lesson and solution notebook, in lesson order."""
+    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")) + sorted(
+        (NOTEBOOK_DIR / "solutions").glob("[0-9][0-9]_*.ipynb"))
+
+
+def imported_modules(nb: nbformat.NotebookNode) -> list[str]:
+    """The ``lessons`` modules a notebook's code cells import (directly)."""
+    from lessons.utils import lessons_imports
+
+    found: set[str] = set()
+    for cell in nb.cells:
+        if cell.cell_type == "code":   # IPython magics and shell lines are not Python
+            lines = [ln[: len(ln) - len(ln.lstrip())] + "pass"
+                     if ln.lstrip().startswith(("!", "%")) else ln
+                     for ln in cell.source.splitlines()]
+            found |= lessons_imports("\n".join(lines))
+    return sorted(found)
+
+
+def expected_metadata(nb: nbformat.NotebookNode) -> dict:
+    """What ``metadata.dgss_lessons`` must say for outputs made by the code as it is now."""
+    from lessons.toyworld import TOYWORLD_VERSION
+    from lessons.utils import lessons_digest, module_closure
+
+    mods = module_closure(imported_modules(nb))
+    return {"toyworld_version": TOYWORLD_VERSION, "lessons_modules": mods,
+            "lessons_digest": lessons_digest(mods)}
+
+
+def stale_reasons(path: Path) -> list[str]:
+    """Why a committed notebook's outputs are stale or incomplete (empty list: fresh)."""
+    nb = nbformat.read(path, as_version=4)
+    reasons = []
+    have = nb.metadata.get(META_KEY)
+    want = expected_metadata(nb)
+    if have is None:
+        reasons.append(f"no metadata.{META_KEY}: never executed by reprod.notebooks")
+    else:
+        for key, value in want.items():
+            if have.get(key) != value:
+                reasons.append(f"{key} is {have.get(key)!r}, the code now gives {value!r}")
+    counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+    if counts != list(range(1, len(counts) + 1)):
+        reasons.append(f"execution counts {counts} are not 1..{len(counts)} (run top to bottom)")
+    return reasons
+
+
+def kernel_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(TQDM_DISABLE="1", OMP_NUM_THREADS="2", PYTHONHASHSEED="0",
+               CUDA_VISIBLE_DEVICES="", PYDEVD_DISABLE_FILE_VALIDATION="1")
+    env.pop("MPLBACKEND", None)
+    return env
+
+
+def execute(path: Path, out: Path, timeout: int = 900) -> float:
+    """Execute ``path`` in a fresh kernel (cwd = its folder), write to ``out``; seconds taken."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    saved, env = dict(os.environ), kernel_env()
+    os.environ.clear()
+    os.environ.update(env)                # the kernel inherits this process's environment
+    start = time.perf_counter()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    seconds = time.perf_counter() - start
+    nb.metadata[META_KEY] = expected_metadata(nb)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    strip = shutil.which("nbstripout") or str(Path(sys.executable).with_name("nbstripout"))
+    subprocess.run([strip, "--keep-output", "--keep-count", str(out)], check=True)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--in-place", action="store_true", help="refresh committed outputs")
+    mode.add_argument("--execute-to", type=Path, metavar="DIR", help="write executed copies")
+    mode.add_argument("--check", action="store_true", help="report stale notebooks")
+    ap.add_argument("notebooks", nargs="*", type=Path, help="default: all of them")
+    args = ap.parse_args(argv)
+    paths = [p.resolve() for p in args.notebooks] or all_notebooks()
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        ap.error(f"no such notebook: {', '.join(missing)}")
+    if args.check:
+        bad = {p: r for p in paths if (r := stale_reasons(p))}
+        for p, reasons in bad.items():
+            print(f"STALE {p.relative_to(ROOT)}: " + "; ".join(reasons))
+        print(f"{len(paths) - len(bad)} of {len(paths)} notebooks are fresh")
+        return 1 if bad else 0
+    for p in paths:
+        target = p if args.in_place else args.execute_to.resolve() / p.relative_to(NOTEBOOK_DIR)
+        print(f"executing {p.relative_to(ROOT)} ...", flush=True)
+        seconds = execute(p, target)
+        print(f"  {seconds:.0f} s -> {target}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
