@@ -21,3 +21,31 @@ def pytest_collectstart(collector):
     # with library versions) nor HTML/JS renderings.
     if getattr(collector, "fspath", None) and collector.fspath.ext == ".ipynb":
         collector.skip_compare += ("text/html", "application/javascript", "stderr")
+
+
+# The whole CI run must stay well under 30 minutes: fail the session when it passes this budget.
+SESSION_BUDGET_S = 20 * 60
+
+
+def pytest_addoption(parser):
+    parser.addoption("--session-budget", type=float, default=SESSION_BUDGET_S,
+                     help="fail the run when it takes longer than this many seconds (0: off)")
+
+
+def pytest_sessionstart(session):
+    import time
+
+    session.config._dgss_start = time.perf_counter()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import time
+
+    if hasattr(session.config, "workerinput"):   # xdist workers: the controller decides
+        return
+    budget = session.config.getoption("--session-budget")
+    elapsed = time.perf_counter() - session.config._dgss_start
+    if budget and elapsed > budget:
+        print(f"\nDURATIONS CHECK FAILED: the test session took {elapsed:.0f} s, over its "
+              f"budget of {budget:.0f} s (CI must stay well under 30 minutes)")
+        session.exitstatus = 1

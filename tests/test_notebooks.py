@@ -1,0 +1,99 @@
+"""Static checks of the lesson notebooks (nbval executes them; this checks how they are kept).
+
+- committed outputs are fresh: made by ``python -m reprod.notebooks --in-place`` with the current
+  ``lessons`` code and ToyWorld version (the notebook metadata records both), run top to bottom;
+- files are clean under ``nbstripout --keep-output --keep-count``;
+- every lesson follows the notebook pattern: Colab badge and guarded install cell, goals, time,
+  a summary, exercises with a solutions notebook, references;
+- nbval markers follow the policy: checked cells exist, progress bars and timings never in them.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from reprod.notebooks import NOTEBOOK_DIR, all_notebooks, imported_modules, stale_reasons
+
+LESSONS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+ALL = all_notebooks()
+
+
+def _ids(paths):
+    return [str(p.relative_to(NOTEBOOK_DIR)) for p in paths]
+
+
+def _text(nb, kind: str) -> str:
+    return "\n".join(c.source for c in nb.cells if c.cell_type == kind)
+
+
+def test_there_are_notebooks():
+    assert LESSONS, "no lesson notebooks found"
+    assert len(set(ALL)) == len(ALL)
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+def test_outputs_are_fresh(path):
+    reasons = stale_reasons(path)
+    assert not reasons, (f"{path.name} is stale: {'; '.join(reasons)}. Regenerate with "
+                         f"`make notebooks` (python -m reprod.notebooks --in-place {path.name})")
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+def test_clean_under_nbstripout(path):
+    exe = shutil.which("nbstripout") or str(Path(sys.executable).with_name("nbstripout"))
+    out = subprocess.run([exe, "--keep-output", "--keep-count", "--verify", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, f"{path.name} changes under nbstripout: {out.stdout}{out.stderr}"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=_ids(LESSONS))
+def test_lesson_follows_the_notebook_pattern(path):
+    nb = nbformat.read(path, as_version=4)
+    md = _text(nb, "markdown")
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    assert "colab-badge.svg" in nb.cells[0].source and path.name in nb.cells[0].source
+    for heading in ("**Goals.**", "**Prerequisites.**", "**Time.**", "## Summary",
+                    "## Exercises", "## References"):
+        assert heading in md, f"{path.name} lacks {heading!r}"
+    exercises = md.split("## Exercises", 1)[1].split("## References", 1)[0]
+    n = len(re.findall(r"^\d+\. ", exercises, flags=re.M))
+    assert 2 <= n <= 4, f"{path.name} has {n} exercises (want two to four)"
+    solution = NOTEBOOK_DIR / "solutions" / path.name.replace(".ipynb", "_solutions.ipynb")
+    assert solution.exists(), f"missing {solution.relative_to(NOTEBOOK_DIR)}"
+    assert f"solutions/{solution.name}" in exercises
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+def test_nbval_policy(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    colab = [c for c in code if "google.colab" in c.source]
+    assert colab and all("# NBVAL_SKIP" in c.source for c in colab), \
+        "the Colab install cell must exist, be guarded and be skipped by nbval"
+    assert all("'google.colab' in sys.modules" in c.source.replace('"', "'") for c in colab)
+    checked = [c for c in code if "# NBVAL_CHECK_OUTPUT" in c.source]
+    if path in LESSONS:
+        assert checked, f"{path.name} checks no output: mark deterministic cells"
+    for c in checked:
+        assert "train(" not in c.source, "training results are never output-checked"
+        for out in c.get("outputs", []):
+            assert out.get("name") != "stderr", "a checked cell must not write to stderr"
+    for c in code:
+        for out in c.get("outputs", []):
+            assert out.output_type != "error", f"{path.name} was committed with an error"
+            text = out.get("text", "")
+            assert "it/s]" not in text, f"{path.name} has a progress bar in its outputs"
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+def test_notebooks_import_only_existing_lessons_modules(path):
+    nb = nbformat.read(path, as_version=4)
+    for m in imported_modules(nb):
+        assert (NOTEBOOK_DIR.parent / "lessons" / f"{m}.py").exists(), m
