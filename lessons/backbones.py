@@ -146,7 +146,7 @@ register(Bundle("siglip_vitl16_384", "open_clip", "ViT-L-16-SigLIP-384", "vlm", 
 
 # The course's own toy models (weights made by `python -m reprod.pretrain_toy`).
 TOY_VFM_CFG = dict(img_size=(64, 128), patch_size=8, embed_dim=192, depth=6, num_heads=3,
-                   reg_tokens=4, no_embed_class=True, init_values=1e-5, num_classes=0)
+                   reg_tokens=4, no_embed_class=True, init_values=0.1, num_classes=0)
 TOY_VLM_CFG = dict(
     embed_dim=128,
     vision_cfg=dict(image_size=(64, 128), patch_size=8, width=192, layers=6, head_width=64),
@@ -322,8 +322,12 @@ class Encoder(nn.Module):
         std = images.new_tensor(self.bundle.std).view(1, 3, 1, 1)
         return (images - mean) / std
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, TokenGrid]:
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenGrid]:
         """Normalised images (B, 3, H, W) -> tokens (B, N, C) and their grid.
+
+        ``mask`` (B, h*w) bool replaces those patch embeddings by ``mask_token`` (C,) before the
+        position embedding is added, as masked-image-modelling pretraining (iBOT) does.
 
         Position embeddings are resampled to the image's token grid when it differs from the
         pretraining grid (``self.pos_interpolation``: bicubic, or bilinear as MFuser's CLIP);
@@ -338,6 +342,11 @@ class Encoder(nn.Module):
         x = self._patch_conv()(images)                          # (B, C, h, w)
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)                        # (B, h*w, C)
+        if mask is not None:
+            if mask.shape != x.shape[:2] or mask_token is None:
+                raise ValueError(f"mask must be (B, h*w) = {tuple(x.shape[:2])} with a "
+                                 f"mask_token, got {tuple(mask.shape)}")
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         x = self._add_prefix_and_pos(x, (h, w))                 # (B, N, C)
         rope = self._rope(h, w) if self.is_eva else None
         x = self.vit.norm_pre(x) if self.style == "timm" else self.vit.ln_pre(x)
