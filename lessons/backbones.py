@@ -244,6 +244,9 @@ class TokenGrid:
     rope: torch.Tensor | None = None
 
 
+Adapter = Callable[[int, torch.Tensor, TokenGrid], torch.Tensor]   # (block i, tokens, grid)
+
+
 class Encoder(nn.Module):
     """One block-wise view of a ViT, whatever library built it.
 
@@ -397,17 +400,20 @@ class Encoder(nn.Module):
         """The tower's last LayerNorm (timm ``norm``, open_clip ``ln_post``)."""
         return self.vit.norm(x) if self.style == "timm" else self.vit.ln_post(x)
 
-    def forward_tokens(self, images: torch.Tensor,
-                       adapter: Callable[[int, torch.Tensor, TokenGrid], torch.Tensor] | None = None
+    def forward_tokens(self, images: torch.Tensor, adapter: Adapter | None = None,
+                       blocks: int | None = None, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None
                        ) -> tuple[list[torch.Tensor], torch.Tensor, TokenGrid]:
-        """Run every block; ``adapter(i, x, grid)`` may refine the tokens after block i.
+        """Run the blocks; ``adapter(i, x, grid)`` may refine the tokens after block i.
 
-        Returns the patch maps at ``out_indices`` (B, C, h, w) taken after refinement and before
-        the final norm (as Rein does), the last tokens (B, N, C) and the grid.
+        ``blocks`` stops after that many blocks (default: all); ``mask``/``mask_token`` go to
+        :meth:`embed`. Returns the patch maps at ``out_indices`` (B, C, h, w) taken after
+        refinement and before the final norm (as Rein does), the last tokens (B, N, C) and the
+        grid.
         """
-        x, grid = self.embed(images)
+        x, grid = self.embed(images, mask=mask, mask_token=mask_token)
         maps = []
-        for i in range(self.depth):
+        for i in range(self.depth if blocks is None else blocks):
             x = self.block(i, x, grid)
             if adapter is not None:
                 x = adapter(i, x, grid)

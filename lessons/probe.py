@@ -46,9 +46,8 @@ class LinearProbe(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen patch features (B, C, h, w)."""
         enc = self.encoder
-        x, grid = enc.embed(enc.normalize(images))                # (B, N, C)
-        for i in range(enc.depth if self.layer is None else self.layer + 1):
-            x = enc.block(i, x, grid)
+        blocks = None if self.layer is None else self.layer + 1
+        _, x, grid = enc.forward_tokens(enc.normalize(images), blocks=blocks)   # (B, N, C)
         if self.layer is None:
             x = enc.final_norm(x)
         return enc.patch_map(x, grid)                             # (B, C, h, w)

@@ -157,10 +157,8 @@ class SSLNet(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final normed CLS (B, C) and patch tokens (B, h*w, C)."""
         enc = self.encoder
-        x, grid = enc.embed(enc.normalize(images), mask=mask,
-                            mask_token=self.mask_token if mask is not None else None)
-        for i in range(enc.depth):
-            x = enc.block(i, x, grid)
+        _, x, _ = enc.forward_tokens(enc.normalize(images), mask=mask,
+                                     mask_token=self.mask_token if mask is not None else None)
         x = enc.final_norm(x)                                          # (B, N, C)
         return x[:, 0], x[:, enc.num_prefix_tokens:]
 
