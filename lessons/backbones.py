@@ -306,7 +306,7 @@ class Encoder(nn.Module):
 
     def _pos_grid(self) -> tuple[int, int]:
         pos = self._pos_embed()
-        n = pos.shape[1] - (0 if self._pos_has_no_prefix() else self.num_prefix_tokens)
+        n = pos.shape[1] - self._pos_prefix()
         h0, w0 = self.bundle.grid
         if h0 * w0 == n:
             return h0, w0
@@ -317,6 +317,10 @@ class Encoder(nn.Module):
 
     def _pos_has_no_prefix(self) -> bool:
         return self.style == "timm" and getattr(self.vit, "no_embed_class", False)
+
+    def _pos_prefix(self) -> int:
+        """Rows of the position embedding that belong to prefix tokens (CLS, registers)."""
+        return 0 if self._pos_has_no_prefix() else self.num_prefix_tokens
 
     # --- the block-wise forward -------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -368,7 +372,7 @@ class Encoder(nn.Module):
         B = x.shape[0]
         pos = self._pos_embed()
         if pos is not None and tuple(grid) != self._pos_grid():
-            prefix = 0 if self._pos_has_no_prefix() else self.num_prefix_tokens
+            prefix = self._pos_prefix()
             pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(self._pos_grid()),
                                          num_prefix_tokens=prefix,
                                          interpolation=self.pos_interpolation,
@@ -451,7 +455,7 @@ class Encoder(nn.Module):
     def set_pos_grid(self, grid: tuple[int, int], interpolation: str = "bicubic") -> None:
         """Resample the absolute position embedding to ``grid`` once (e.g. 37x37 -> 32x32)."""
         pos = self._pos_embed()
-        prefix = 0 if self._pos_has_no_prefix() else self.num_prefix_tokens
+        prefix = self._pos_prefix()
         new = resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(self._pos_grid()),
                                      num_prefix_tokens=prefix, interpolation=interpolation,
                                      antialias=False)

@@ -30,6 +30,11 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 META_KEY = "dgss_lessons"
 
 
+def tool_path(name: str) -> str:
+    """A console script of this environment (on PATH, or beside this Python in a venv)."""
+    return shutil.which(name) or str(Path(sys.executable).with_name(name))
+
+
 def all_notebooks() -> list[Path]:
     """Every lesson and solution notebook, in lesson order."""
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")) + sorted(
@@ -105,7 +110,7 @@ def execute(path: Path, out: Path, timeout: int = 900) -> float:
     nb.metadata[META_KEY] = expected_metadata(nb)
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
-    strip = shutil.which("nbstripout") or str(Path(sys.executable).with_name("nbstripout"))
+    strip = tool_path("nbstripout")
     subprocess.run([strip, "--keep-output", "--keep-count", str(out)], check=True)
     return seconds
 

@@ -182,6 +182,13 @@ def dense_nce(z: torch.Tensor, z_target: torch.Tensor, temp: float) -> torch.Ten
     return F.cross_entropy(logits.reshape(P * B, B), target.reshape(P * B))
 
 
+def _both_views_nce(s_dense: torch.Tensor, t_dense: torch.Tensor, B: int, temp: float
+                    ) -> torch.Tensor:
+    """Mean dense NCE of the two halves (view a vs b's teacher, view b vs a's teacher)."""
+    return 0.5 * (dense_nce(s_dense[:B], t_dense[:B], temp)
+                  + dense_nce(s_dense[B:], t_dense[B:], temp))
+
+
 def ssl_losses(student: SSLNet, teacher: SSLNet, view_a: torch.Tensor, view_b: torch.Tensor,
                centers: dict[str, torch.Tensor], cfg: VFMConfig, step: int
                ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -199,8 +206,7 @@ def ssl_losses(student: SSLNet, teacher: SSLNet, view_a: torch.Tensor, view_b: t
     t_cls, t_patch, t_dense = t_cls[swap], t_patch[swap], t_dense[swap]
     if cfg.objective == "nce":
         _, _, s_dense = student(torch.cat([view_a, view_b]))
-        nce = 0.5 * (dense_nce(s_dense[:B], t_dense[:B], cfg.nce_temp)
-                     + dense_nce(s_dense[B:], t_dense[B:], cfg.nce_temp))
+        nce = _both_views_nce(s_dense, t_dense, B, cfg.nce_temp)
         return nce, {"nce": nce.item(), "dino": float("nan"), "ibot": float("nan"),
                      "entropy": float("nan")}
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -219,8 +225,7 @@ def ssl_losses(student: SSLNet, teacher: SSLNet, view_a: torch.Tensor, view_b: t
     total = dino + cfg.ibot_weight * ibot
     nce = torch.zeros(())
     if cfg.objective == "dino_ibot_nce":
-        nce = 0.5 * (dense_nce(s_dense[:B], t_dense[:B], cfg.nce_temp)
-                     + dense_nce(s_dense[B:], t_dense[B:], cfg.nce_temp))
+        nce = _both_views_nce(s_dense, t_dense, B, cfg.nce_temp)
         total = total + nce
     return total, {"dino": dino.item(), "ibot": ibot.item(), "nce": nce.item(),
                    "entropy": -(q_cls * q_cls.clamp_min(1e-12).log()).sum(-1).mean().item()}

@@ -11,15 +11,18 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import nbformat
 import pytest
 
-from reprod.notebooks import NOTEBOOK_DIR, all_notebooks, imported_modules, stale_reasons
+from reprod.notebooks import (
+    NOTEBOOK_DIR,
+    all_notebooks,
+    imported_modules,
+    stale_reasons,
+    tool_path,
+)
 
 LESSONS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 ALL = all_notebooks()
@@ -47,7 +50,7 @@ def test_outputs_are_fresh(path):
 
 @pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
 def test_clean_under_nbstripout(path):
-    exe = shutil.which("nbstripout") or str(Path(sys.executable).with_name("nbstripout"))
+    exe = tool_path("nbstripout")
     out = subprocess.run([exe, "--keep-output", "--keep-count", "--verify", str(path)],
                          capture_output=True, text=True)
     assert out.returncode == 0, f"{path.name} changes under nbstripout: {out.stdout}{out.stderr}"

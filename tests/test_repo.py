@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from reprod.notebooks import tool_path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FILE_BYTES = 1 << 20   # 1 MiB: notebooks keep small figures; weights have their own budget
@@ -22,7 +23,7 @@ def _tracked() -> list[Path]:
 
 
 def test_ruff_is_clean():
-    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    ruff = tool_path("ruff")
     out = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr
