@@ -11,6 +11,7 @@ Dimension letters: H W height width, K classes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -24,8 +25,10 @@ from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE
 
 __all__ = [
     "HEATMAP_CMAP",
+    "PCABasis",
     "bar_by_domain",
     "colorize",
+    "feature_pca",
     "legend_handles",
     "overlay",
     "setup_style",
@@ -184,6 +187,42 @@ def show_grid(
     for r, name in enumerate(row_labels or []):
         axes[r, 0].set_ylabel(name)
     return fig
+
+
+@dataclass(frozen=True)
+class PCABasis:
+    """Principal directions of patch features and the range that maps them to [0, 1]."""
+
+    mean: torch.Tensor          # (C,)
+    components: torch.Tensor    # (C, k)
+    low: torch.Tensor           # (k,) 1st percentile of the projections
+    high: torch.Tensor          # (k,) 99th percentile
+
+
+def feature_pca(features: torch.Tensor, components: int = 3, basis: PCABasis | None = None
+                ) -> tuple[np.ndarray, PCABasis]:
+    """Patch features (B, C, h, w) -> their first principal components as RGB (B, h, w, k).
+
+    The components are fitted jointly on all B maps (or taken from an earlier call's ``basis``),
+    so one colour means one direction in feature space in every image: the same scene in two
+    styles looks alike exactly when the features are style-invariant. Each component is scaled
+    to [0, 1] by its 1st and 99th percentiles. Returns the maps and the basis.
+    """
+    if features.ndim != 4:
+        raise ValueError(f"features must be (B, C, h, w), got shape {tuple(features.shape)}")
+    B, C, h, w = features.shape
+    x = features.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, C)    # (B*h*w, C)
+    if basis is None:
+        mean = x.mean(0)
+        _, _, v = torch.linalg.svd(x - mean, full_matrices=False)              # v: (C', C)
+        comps = v[:components].T                                               # (C, k)
+        proj = (x - mean) @ comps
+        basis = PCABasis(mean, comps, proj.quantile(0.01, dim=0), proj.quantile(0.99, dim=0))
+    elif basis.mean.shape != (C,):
+        raise ValueError(f"the basis was fitted on {basis.mean.shape[0]} channels, not {C}")
+    proj = ((x - basis.mean) @ basis.components - basis.low) / (basis.high - basis.low
+                                                                ).clamp_min(1e-8)
+    return proj.clamp(0, 1).reshape(B, h, w, -1).numpy(), basis
 
 
 def legend_handles(

@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from lessons import toyworld as tw
-from reprod.pretrain_toy import DINOHead, VFMConfig, VFMRun, make_batch, render_pair
+from reprod.pretrain_toy import (
+    DINOHead,
+    VFMConfig,
+    VFMRun,
+    at_corresponding,
+    correspondence,
+    make_batch,
+    render_pair,
+    sinkhorn_knopp,
+)
 
-TINY = dict(steps=4, batch_size=2, warmup_steps=1, prototypes=64)
+TINY = dict(steps=4, batch_size=2, warmup_steps=1, prototypes=64, cls_prototypes=16)
 
 
 def test_pairs_share_geometry_and_differ_in_style():
@@ -22,14 +31,49 @@ def test_pairs_share_geometry_and_differ_in_style():
     assert np.abs(a2 - b2).mean() < np.abs(a - b).mean()  # one style, only noise crops differ
 
 
-def test_batches_are_deterministic_per_step_and_views_aligned():
+def test_batches_are_deterministic_per_step():
     cfg = VFMConfig(batch_size=3)
-    a1, b1 = make_batch(5, cfg)
-    a2, b2 = make_batch(5, cfg)
-    assert torch.equal(a1, a2) and torch.equal(b1, b2)
-    a3, _ = make_batch(6, cfg)
+    a1, b1, box_a1, box_b1 = make_batch(5, cfg)
+    a2, b2, box_a2, _ = make_batch(5, cfg)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2) and torch.equal(box_a1, box_a2)
+    a3, *_ = make_batch(6, cfg)
     assert not torch.equal(a1, a3)
     assert a1.shape == (3, 3, *tw.DEFAULT_SIZE) and a1.min() >= 0 and a1.max() <= 1
+    assert box_a1.shape == (3, 5) and not torch.equal(box_a1, box_b1)   # two crops
+
+
+def test_correspondence_finds_the_same_scene_point_in_the_other_crop():
+    """With one style for both views, the other view sampled at the corresponding patch centres
+    reproduces this view's patch colours; a shuffled pairing does not."""
+    cfg = VFMConfig(batch_size=8, p_same_style=1.0)
+    a, b, box_a, box_b = make_batch(3, cfg)
+    pa = torch.nn.functional.avg_pool2d(a, 8).flatten(2).transpose(1, 2)     # (B, P, 3)
+    pb = torch.nn.functional.avg_pool2d(b, 8).flatten(2).transpose(1, 2)
+    grid, valid = correspondence(box_a, box_b, 8, 16)
+    assert grid.shape == (8, 8, 16, 2) and valid.shape == (8, 128)
+    assert 0.3 <= valid.float().mean() <= 1.0
+    err = (at_corresponding(pb, grid) - pa).abs().mean(-1)[valid].mean()
+    shuffled = (pb.roll(1, 0) - pa).abs().mean()
+    assert err < 0.05 < shuffled
+
+
+def test_correspondence_of_a_flipped_identical_crop_mirrors_columns():
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]])
+    flipped = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0]])
+    grid, valid = correspondence(box, flipped, 2, 4)
+    assert valid.all()
+    x = grid[0, 0, :, 0]
+    torch.testing.assert_close(x, -x.flip(0))                 # column j -> column w - 1 - j
+    assert x[0] > 0                                           # the left edge is now on the right
+
+
+def test_sinkhorn_knopp_balances_the_prototypes():
+    logits = torch.randn(512, 8) + torch.tensor([3.0, 0, 0, 0, 0, 0, 0, 0])   # one favourite
+    q = sinkhorn_knopp(logits, temp=0.5, iters=10)
+    torch.testing.assert_close(q.sum(-1), torch.ones(512))
+    torch.testing.assert_close(q.mean(0), torch.full((8,), 1 / 8), atol=2e-3, rtol=0)
+    plain = torch.softmax(logits / 0.5, -1).mean(0)
+    assert plain[0] > 0.6                                      # without it: one favourite
 
 
 def test_dino_head_shapes():
@@ -84,14 +128,20 @@ def test_export_loads_through_the_toy_vfm_bundle(tmp_path):
         torch.testing.assert_close(v, ref[k].half().float(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("objective", ["dino_ibot", "dino_ibot_nce"])
-def test_the_dino_ibot_objectives_run(tmp_path, objective):
-    run = VFMRun(VFMConfig(**TINY, objective=objective), tmp_path)
+@pytest.mark.parametrize(("objective", "centering"),
+                         [("dino_ibot", "ema"), ("dino_ibot_nce", "sinkhorn"), ("nce", "sinkhorn"),
+                          ("vicreg", "sinkhorn")])
+def test_every_objective_runs(tmp_path, objective, centering):
+    run = VFMRun(VFMConfig(**TINY, objective=objective, centering=centering), tmp_path)
     run.train_chunk(minutes=5, log_every=1)
     last = run.log[-1]
-    assert np.isfinite(last["dino"]) and np.isfinite(last["ibot"])
-    assert 0 < last["entropy"] <= np.log(TINY["prototypes"]) + 1e-4
-    assert (objective == "dino_ibot_nce") == (last["nce"] > 0)
+    assert np.isfinite(last["loss"])
+    if "dino" in objective:
+        assert np.isfinite(last["dino"]) and np.isfinite(last["ibot"])
+        assert 0 < last["entropy"] <= np.log(TINY["prototypes"]) + 1e-4
+        assert 1 <= last["used"] <= TINY["prototypes"] + 1e-3
+    assert ("nce" in objective) == ("nce" in last)
+    assert (objective == "vicreg") == ("inv" in last)
 
 
 def test_unknown_objective(tmp_path):
@@ -100,8 +150,39 @@ def test_unknown_objective(tmp_path):
         run.train_chunk(minutes=1)
 
 
-def test_dense_nce_prefers_the_matching_scene():
+def test_dense_nce_prefers_the_matching_scene_point():
     from reprod.pretrain_toy import dense_nce
 
+    torch.manual_seed(0)
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]).repeat(4, 1)
+    grid, valid = correspondence(box, box, 2, 3)                   # identical crops
     z = torch.nn.functional.normalize(torch.randn(4, 6, 8), dim=-1)
-    assert dense_nce(z, z, 0.1) < dense_nce(z, z.roll(1, dims=0), 0.1)
+    assert dense_nce(z, z, grid, valid, 0.1) < dense_nce(z, z.roll(1, dims=0), grid, valid, 0.1)
+    nothing = torch.zeros_like(valid)
+    assert dense_nce(z, z, grid, nothing, 0.1) == 0                # no valid patch, no loss
+
+
+def test_vicreg_terms_punish_collapse_and_redundancy():
+    from reprod.pretrain_toy import vicreg_terms
+
+    torch.manual_seed(0)
+    spread = 1.5 * torch.randn(4, 64, 8)
+    var, cov = vicreg_terms(spread)
+    assert var < 0.05 and cov < 0.5
+    var, _ = vicreg_terms(torch.ones(4, 64, 8) + 1e-3 * torch.randn(4, 64, 8))
+    assert var > 0.95                                      # collapsed: std ~0 in every dim
+    twin = spread.clone()
+    twin[..., 1] = twin[..., 0]                            # two identical dimensions
+    assert vicreg_terms(twin)[1] > cov + 0.5
+
+
+def test_dense_vicreg_invariance_is_zero_for_matching_embeddings():
+    from reprod.pretrain_toy import dense_vicreg
+
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]).repeat(2, 1)
+    grid, valid = correspondence(box, box, 4, 8)
+    z = torch.randn(2, 32, 16)
+    _, parts = dense_vicreg(z, z.clone(), grid, grid, valid, valid, (25.0, 25.0, 1.0))
+    assert parts["inv"] < 1e-10
+    _, shuffled = dense_vicreg(z, z.roll(1, 0), grid, grid, valid, valid, (25.0, 25.0, 1.0))
+    assert shuffled["inv"] > 1.0

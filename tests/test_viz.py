@@ -165,3 +165,24 @@ def test_bar_by_domain() -> None:
     plt.close(fig)
     with pytest.raises(ValueError, match="results is empty"):
         bar_by_domain({})
+
+
+def test_feature_pca_colours_shared_directions_alike_across_images():
+    from lessons.viz import feature_pca
+
+    torch.manual_seed(0)
+    direction = torch.randn(16)
+    codes = torch.randn(2, 1, 4, 8)                      # one latent value per patch ...
+    feats = codes * direction[None, :, None, None] + 0.01 * torch.randn(2, 16, 4, 8)
+    rgb, basis = feature_pca(feats)
+    assert rgb.shape == (2, 4, 8, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    # ... so the first component orders the patches exactly as the latent does
+    first = torch.from_numpy(rgb[..., 0]).flatten()
+    order = torch.corrcoef(torch.stack([first, codes.flatten()]))[0, 1].abs()
+    assert order > 0.95
+    again, _ = feature_pca(feats[:1], basis=basis)       # a reused basis gives the same colours
+    np.testing.assert_allclose(again, rgb[:1], atol=1e-5)
+    with pytest.raises(ValueError, match="16 channels, not 8"):
+        feature_pca(torch.randn(1, 8, 2, 2), basis=basis)
+    with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
+        feature_pca(torch.randn(8, 2, 2))

@@ -1,0 +1,125 @@
+"""A training run that can stop at any chunk boundary and resume bit for bit.
+
+The toy models are pretrained in chunks of under ten minutes so a run can be split across short
+GPU jobs or a laptop's coffee breaks. A subclass says what its state is (``state_modules``), how
+one step's loss is computed (``loss``) and what happens after an optimizer step (``after_step``,
+e.g. an EMA teacher); this class owns the learning-rate schedule, the chunked loop, the logging
+and the atomic save / checked load. The batch of step ``i`` must depend only on ``(seed, i)``, so
+a resumed run sees exactly the data an unbroken one would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def hardware() -> str:
+    """CPU and thread count, or the GPU's name."""
+    return (f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+            if not torch.cuda.is_available() else torch.cuda.get_device_name(0))
+
+
+def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """Linear warm-up to ``lr``, then a cosine decay to ``min_lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(steps - warmup, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class ResumableRun:
+    """Chunked training with exact resumption; subclasses set ``name``, ``model`` and ``opt``.
+
+    The config is a dataclass with at least ``steps``, ``lr``, ``min_lr``, ``warmup_steps`` and
+    ``grad_clip``.
+    """
+
+    name = "run"
+    model: nn.Module                    # what the optimizer trains
+    opt: torch.optim.Optimizer
+
+    def __init__(self, cfg: Any, run_dir: str | Path):
+        self.cfg, self.dir = cfg, Path(run_dir)
+        self.step, self.seconds, self.log = 0, 0.0, []
+
+    # --- what a subclass provides -------------------------------------------------------------
+    def state_modules(self) -> dict[str, Any]:
+        """Everything with a ``state_dict`` (or plain tensors / dicts of them) to save."""
+        return {"model": self.model, "opt": self.opt}
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (an EMA teacher update goes here)."""
+
+    # --- the loop -------------------------------------------------------------------------------
+    @property
+    def ckpt(self) -> Path:
+        return self.dir / f"{self.name}_state.pt"
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.state_dict() if hasattr(v, "state_dict") else v
+                 for k, v in self.state_modules().items()}
+        state |= {"cfg": asdict(self.cfg), "step": self.step, "seconds": self.seconds,
+                  "log": self.log}
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt)                       # atomic: a killed job leaves the old one
+
+    def load(self) -> bool:
+        """Restore the saved state if there is one (False if not); refuse another config."""
+        if not self.ckpt.exists():
+            return False
+        state = torch.load(self.ckpt, weights_only=True)
+        if state["cfg"] != asdict(self.cfg):
+            diff = {k: (state["cfg"].get(k), v) for k, v in asdict(self.cfg).items()
+                    if state["cfg"].get(k) != v}
+            raise ValueError(f"{self.ckpt} was made with another config: {diff}; use another "
+                             f"--run-dir or the same settings")
+        for key, obj in self.state_modules().items():
+            if hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(state[key])
+            else:
+                self._restore(key, state[key])
+        self.step, self.seconds, self.log = state["step"], state["seconds"], state["log"]
+        return True
+
+    def _restore(self, key: str, value: Any) -> None:
+        setattr(self, key, value)
+
+    def train_chunk(self, minutes: float, log_every: int = 25, stop_at: int | None = None
+                    ) -> None:
+        """Train until the run is done (or at step ``stop_at``) or ``minutes`` have passed; save."""
+        cfg, start = self.cfg, time.perf_counter()
+        last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        self.model.train()
+        while self.step < last and time.perf_counter() - start < 60 * minutes:
+            for group in self.opt.param_groups:
+                group["lr"] = cosine_lr(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps,
+                                        cfg.steps)
+            loss, parts = self.loss(self.step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {self.step}: {parts}")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.after_step(self.step)
+            self.step += 1
+            if self.step % log_every == 0 or self.step == cfg.steps:
+                self.log.append({"step": self.step, "loss": loss.item(), **parts})
+                print(f"step {self.step}/{cfg.steps} loss {loss.item():.3f} "
+                      + " ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
+        self.seconds += time.perf_counter() - start
+        self.save()
