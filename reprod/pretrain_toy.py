@@ -50,7 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ from torch import nn
 
 from lessons import toyworld as tw
 from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder, get_bundle
-from reprod.resumable import ResumableRun, hardware
+from reprod.resumable import ResumableRun, card_facts, hardware, write_card_files
 
 RUN_DIR = Path("runs/pretrain_toy")             # + /vfm or /vlm
 
@@ -488,41 +488,52 @@ class VFMRun(ResumableRun):
         return path
 
 
-def write_card(run: VFMRun, gate: dict | None, path: Path | None = None) -> Path:
-    """The toy VFM's model card (markdown, and the same facts as JSON beside it)."""
+OBJECTIVE_TEXT = {
+    "vicreg": "dense VICReg across styles: invariance between the embeddings of the same scene "
+              "point in the two views, plus variance and covariance terms against collapse",
+    "dino_ibot": "DINO on the CLS token and iBOT on corresponding patches across styles, EMA "
+                 "teacher with Sinkhorn-Knopp centring",
+    "nce": "dense InfoNCE across styles against every other patch of the batch",
+    "dino_ibot_nce": "DINO + iBOT + dense InfoNCE across styles",
+}
+
+
+def write_card(run: VFMRun, gate: dict | None, weights: Path) -> Path:
+    """The toy VFM's model card beside its weights (markdown, and the facts as JSON)."""
     from lessons.train import domain_table
 
-    path = Path(path or WEIGHTS_DIR / "toy_vfm.md")
-    facts = {"model": "toy_vfm", "bundle": asdict(get_bundle("toy_vfm")) | {"kwargs": None},
-             "config": asdict(run.cfg), "steps_done": run.step,
-             "wall_minutes": round(run.seconds / 60, 1), "hardware": hardware(),
-             "toyworld_version": run.cfg.toyworld_version, "gate": gate}
-    path.with_suffix(".json").write_text(json.dumps(facts, indent=1, default=str))
+    facts = card_facts(run, "toy_vfm", weights) | {"gate": gate}
+    n_params = sum(p.numel() for p in run.teacher.encoder.vit.parameters())
     lines = [
         "# Model card: toy VFM (`toy_vfm`)", "",
         "A DINOv2-style ViT for ToyWorld: timm `VisionTransformer`, patch 8 at 64x128, width 192,",
-        "6 blocks, 3 heads, 4 registers, LayerScale 0.1 (2,734,464 parameters), stored in fp16.",
-        "", "## Training", "",
+        f"6 blocks, 3 heads, 4 registers, LayerScale 0.1 ({n_params:,} parameters), fp16.", "",
+        "## Training", "",
         "Self-supervised, **no segmentation labels** (`python -m reprod.pretrain_toy vfm`): two",
-        "views of one scene in independently sampled `random` styles (same crop and flip), an EMA",
-        "teacher, a DINO loss on the CLS token across styles and an iBOT loss on masked patches",
-        "whose targets come from the other style's view.", "",
-        f"- steps: {run.step} of {run.cfg.steps}, batch {run.cfg.batch_size} scene pairs",
+        "views of one scene in independently sampled `random` styles, each with its own crop and",
+        f"flip; objective `{run.cfg.objective}`: {OBJECTIVE_TEXT[run.cfg.objective]}. The",
+        "weights are the EMA of the trained network.", "",
+        f"- steps: {run.step} of {run.cfg.steps}, batch {run.cfg.batch_size} scene pairs, lr "
+        f"{run.cfg.lr}, bf16 autocast {run.cfg.bf16}",
         f"- p_same_style: {run.cfg.p_same_style} (headroom knob)",
-        f"- wall time: {run.seconds / 60:.1f} min on {hardware()}",
-        f"- seed: {run.cfg.seed}; ToyWorld {run.cfg.toyworld_version}",
+        f"- wall time: {run.seconds / 60:.1f} min on {facts['hardware']}",
+        f"- seed: {run.cfg.seed}; ToyWorld {run.cfg.toyworld_version}; sha256 "
+        f"{facts['sha256'][:16]}...",
         "- pretraining styles: the `random` sampler, which never draws the `streetview` palette",
         "  family or the painted style: `streetview` and `painted` are truly unseen targets; the",
         "  other targets' looks lie inside the pretraining distribution.", ""]
     if gate:
+        g = gate["gate"]
         lines += ["## Measured (`python -m reprod.toy_gate`)", "",
                   "mIoU (%) after training on `synthetic` only, 300 steps x 16 each, 200 test",
                   "scenes per domain:", "", "```", domain_table(gate["results"]), "```", "",
-                  "Gate, over the real-looking and adverse targets: "
-                  + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in gate["gate"].items()), ""]
-    path.write_text("\n".join(lines))
-    return path
+                  "Gate, means over the real-looking and adverse targets (citylike, dashcam,",
+                  f"streetview, fog, night, rain, snow): frozen probe {g['vfm_targets']:.1f}, "
+                  f"{g['over_random_init']:+.1f} over the random-init probe (needs +10),",
+                  f"{g['over_scratch']:+.1f} over the scratch CNN (needs +5), "
+                  f"{100 * g['fraction_of_source']:.0f}% of its own source mIoU (needs < 90%):",
+                  f"**{'passed' if g['passed'] else 'not passed'}**.", ""]
+    return write_card_files(facts, lines, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -566,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path} (step {run.step})")
         (run_dir / f"{run.name}_log.json").write_text(json.dumps(run.log, indent=1))
         if args.card:
-            print(f"wrote {_measure_and_card(run, path, args.out is None)}", flush=True)
+            print(f"wrote {_measure_and_card(run, path)}", flush=True)
         return 0
     while True:
         run.train_chunk(args.chunk_minutes)
@@ -576,19 +587,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
 
-def _measure_and_card(run: ResumableRun, weights: Path, default_place: bool) -> Path:
+def _measure_and_card(run: ResumableRun, weights: Path) -> Path:
     """Measure exported weights (the gate for the VFM, retrieval and zero-shot for the VLM) and
     write the card beside them."""
-    card = None if default_place else weights.with_suffix(".md")
     if isinstance(run, VFMRun):
         from reprod.toy_gate import check_gate, gate_results
 
         results = gate_results(weights)
-        return write_card(run, {"results": results, "gate": check_gate(results)}, card)
+        return write_card(run, {"results": results, "gate": check_gate(results)}, weights)
     from reprod.pretrain_vlm import measure
     from reprod.pretrain_vlm import write_card as write_vlm_card
 
-    return write_vlm_card(run, measure(weights), card)
+    return write_vlm_card(run, measure(weights), weights)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ Dimension glossary: B batch (pairs), D joint embedding width, L context length, 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,14 @@ from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder, create_model,
 from lessons.captions import HELD_OUT_CLASS, captioned_view, class_areas, random_crop
 from lessons.classes import CLASSES
 from lessons.text import CATSEG_TEMPLATE, default_tokenizer, encode_text
-from reprod.resumable import ResumableRun, hardware
+from reprod.resumable import ResumableRun, card_facts, write_card_files
 
 
 @dataclass
 class VLMConfig:
     """Hyper-parameters of the toy VLM's contrastive pretraining."""
 
-    steps: int = 2000
+    steps: int = 1600
     batch_size: int = 96              # image-caption pairs per step
     lr: float = 5e-4
     min_lr: float = 1e-5
@@ -46,6 +45,7 @@ class VLMConfig:
     weight_decay: float = 0.1
     crop_fraction: float = 0.5        # pairs that are crops captioned with their classes
     grad_clip: float = 1.0
+    bf16: bool = True                 # autocast matmuls to bfloat16 (AMX CPUs, GPUs)
     seed: int = 0
     toyworld_version: str = field(default=tw.TOYWORLD_VERSION)
 
@@ -99,10 +99,13 @@ class VLMRun(ResumableRun):
 
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images, captions = make_batch(step, self.cfg)
-        img = F.normalize(self.model.encode_image(self.encoder.normalize(images)), -1)  # (B, D)
-        txt = F.normalize(self.model.encode_text(self.tokenizer(captions)), dim=-1)  # (B, D)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            img = self.model.encode_image(self.encoder.normalize(images))             # (B, D)
+            txt = self.model.encode_text(self.tokenizer(captions))                    # (B, D)
+        img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         loss = clip_loss(img, txt, self.model.logit_scale, captions)
-        return loss, {"scale": float(self.model.logit_scale.exp()),
+        return loss, {"scale": self.model.logit_scale.detach().exp().item(),
                       "unique": len(set(captions)) / len(captions)}
 
     def after_step(self, step: int) -> None:
@@ -197,16 +200,12 @@ def measure(weights: str | Path, random_too: bool = True) -> dict:
     return out
 
 
-def write_card(run: VLMRun, measured: dict | None, path: str | Path | None = None) -> Path:
-    """The toy VLM's model card (markdown, and the same facts as JSON beside it)."""
+def write_card(run: VLMRun, measured: dict | None, weights: Path) -> Path:
+    """The toy VLM's model card beside its weights (markdown, and the facts as JSON)."""
     from lessons.train import domain_table
 
-    path = Path(path or WEIGHTS_DIR / "toy_vlm.md")
-    facts = {"model": "toy_vlm", "config": asdict(run.cfg), "steps_done": run.step,
-             "wall_minutes": round(run.seconds / 60, 1), "hardware": hardware(),
-             "toyworld_version": run.cfg.toyworld_version, "held_out_class": HELD_OUT_CLASS,
-             "measured": measured}
-    path.with_suffix(".json").write_text(json.dumps(facts, indent=1, default=str))
+    facts = card_facts(run, "toy_vlm", weights) | {"held_out_class": HELD_OUT_CLASS,
+                                                    "measured": measured}
     n_params = sum(p.numel() for p in run.model.parameters())
     lines = [
         "# Model card: toy VLM (`toy_vlm`)", "",
@@ -221,8 +220,9 @@ def write_card(run: VLMRun, measured: dict | None, path: str | Path | None = Non
         f"captions in a batch count as positives. The class `{HELD_OUT_CLASS}` is named in",
         "captions; CAT-Seg's unseen-class lesson keeps it out of segmentation training only.", "",
         f"- steps: {run.step} of {run.cfg.steps}, batch {run.cfg.batch_size} pairs",
-        f"- wall time: {run.seconds / 60:.1f} min on {hardware()}",
-        f"- seed: {run.cfg.seed}; ToyWorld {run.cfg.toyworld_version}",
+        f"- wall time: {run.seconds / 60:.1f} min on {facts['hardware']}",
+        f"- seed: {run.cfg.seed}; ToyWorld {run.cfg.toyworld_version}; sha256 "
+        f"{facts['sha256'][:16]}...",
         "- pretraining styles: the `random` sampler (never the `streetview` palette family or",
         "  the painted style: those two targets are unseen).", ""]
     if measured:
@@ -238,5 +238,4 @@ def write_card(run: VLMRun, measured: dict | None, path: str | Path | None = Non
         lines += ["", "MaskCLIP-style zero-shot mIoU (%), 100 test scenes per domain, no "
                   "segmentation training:", "", "```",
                   domain_table({k: v["zero_shot_miou"] for k, v in measured.items()}), "```", ""]
-    path.write_text("\n".join(lines))
-    return path
+    return write_card_files(facts, lines, weights)

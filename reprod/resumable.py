@@ -10,6 +10,7 @@ a resumed run sees exactly the data an unbroken one would.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -26,6 +27,31 @@ def hardware() -> str:
     """CPU and thread count, or the GPU's name."""
     return (f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
             if not torch.cuda.is_available() else torch.cuda.get_device_name(0))
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (cards name the exact weights they describe)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def card_facts(run: ResumableRun, model: str, weights: Path) -> dict[str, Any]:
+    """What every model card states: config, steps, wall time, hardware, seed, ToyWorld version
+    and the weights file it describes."""
+    return {"model": model, "weights": weights.name, "sha256": sha256(weights),
+            "config": asdict(run.cfg), "steps_done": run.step,
+            "wall_minutes": round(run.seconds / 60, 1),
+            "hardware": run.trained_on or hardware(),
+            "seed": run.cfg.seed, "toyworld_version": run.cfg.toyworld_version}
+
+
+def write_card_files(facts: dict[str, Any], lines: list[str], weights: Path) -> Path:
+    """Write the card beside the weights: ``<name>.md`` for people, ``<name>.json`` for code."""
+    weights.with_suffix(".json").write_text(json.dumps(facts, indent=1, default=str) + "\n")
+    card = weights.with_suffix(".md")
+    card.write_text("\n".join(lines))
+    return card
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
@@ -50,6 +76,7 @@ class ResumableRun:
     def __init__(self, cfg: Any, run_dir: str | Path):
         self.cfg, self.dir = cfg, Path(run_dir)
         self.step, self.seconds, self.log = 0, 0.0, []
+        self.trained_on: str | None = None    # hardware() of the chunks, for the card
 
     # --- what a subclass provides -------------------------------------------------------------
     def state_modules(self) -> dict[str, Any]:
@@ -72,7 +99,7 @@ class ResumableRun:
         state = {k: v.state_dict() if hasattr(v, "state_dict") else v
                  for k, v in self.state_modules().items()}
         state |= {"cfg": asdict(self.cfg), "step": self.step, "seconds": self.seconds,
-                  "log": self.log}
+                  "log": self.log, "trained_on": self.trained_on}
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt)                       # atomic: a killed job leaves the old one
@@ -93,6 +120,7 @@ class ResumableRun:
             else:
                 self._restore(key, state[key])
         self.step, self.seconds, self.log = state["step"], state["seconds"], state["log"]
+        self.trained_on = state.get("trained_on")
         return True
 
     def _restore(self, key: str, value: Any) -> None:
@@ -102,6 +130,7 @@ class ResumableRun:
                     ) -> None:
         """Train until the run is done (or at step ``stop_at``) or ``minutes`` have passed; save."""
         cfg, start = self.cfg, time.perf_counter()
+        self.trained_on = hardware()
         last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.model.train()
         while self.step < last and time.perf_counter() - start < 60 * minutes:

@@ -29,10 +29,25 @@ def test_ruff_is_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+MAX_WEIGHTS_BYTES = 50 << 20  # all toy weights together (DESIGN section 4)
+WEIGHTS = ROOT / "lessons" / "weights"
+
+
+def _is_weights(p: Path) -> bool:
+    return p.suffix == ".safetensors" and p.parent == WEIGHTS
+
+
 def test_no_large_files():
     big = [(p.relative_to(ROOT), p.stat().st_size) for p in _tracked()
-           if p.exists() and p.stat().st_size > MAX_FILE_BYTES]
+           if p.exists() and p.stat().st_size > MAX_FILE_BYTES and not _is_weights(p)]
     assert not big, f"files over {MAX_FILE_BYTES} bytes: {big}"
+
+
+def test_toy_weights_stay_within_their_budget():
+    weights = [p for p in _tracked() if _is_weights(p)]
+    total = sum(p.stat().st_size for p in weights if p.exists())
+    assert total <= MAX_WEIGHTS_BYTES, f"toy weights take {total / 2**20:.1f} MiB"
+    assert all(p.with_suffix(".md").exists() for p in weights), "every weights file has a card"
 
 
 def test_ci_runs_the_readme_test_command():
