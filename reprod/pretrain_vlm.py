@@ -226,7 +226,7 @@ def write_card(run: VLMRun, measured: dict | None, weights: Path) -> Path:
         "- pretraining styles: the `random` sampler (never the `streetview` palette family or",
         "  the painted style: those two targets are unseen).", ""]
     if measured:
-        lines += ["## Measured (`python -m reprod.pretrain_toy vlm --measure`)", ""]
+        lines += ["## Measured (`python -m reprod.pretrain_toy vlm --export --card`)", ""]
         for name, m in measured.items():
             r, c = m["retrieval"], m["crops"]
             lines += [f"- **{name}**: retrieval among 200 held-out scenes, image->text top-1 "
