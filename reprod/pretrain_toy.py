@@ -283,6 +283,11 @@ def teacher_probs(logits: torch.Tensor, center: torch.Tensor, temp: float, cfg: 
     return F.softmax((logits - center) / temp, dim=-1)
 
 
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, P) over the patches where ``valid`` (B, P) holds (0 if there are none)."""
+    return (x * valid).sum() / valid.sum().clamp(min=1)
+
+
 def at_corresponding(t_map: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Sample view t's per-patch vectors (B, h*w, D) where view s's patches lie: (B, h*w, D)."""
     B, _, D = t_map.shape
@@ -318,7 +323,7 @@ def dense_nce(z: torch.Tensor, z_t: torch.Tensor, grid: torch.Tensor, valid: tor
     drop = (same & near[:, :, None, :]).reshape(B, P, B * P)
     logits = torch.cat([l_pos, l_neg.masked_fill(drop, float("-inf"))], -1) / temp
     ce = torch.logsumexp(logits, -1) - logits[..., 0]                  # (B, P)
-    return (ce * valid).sum() / valid.sum().clamp(min=1)
+    return masked_mean(ce, valid)
 
 
 def vicreg_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,8 +353,7 @@ def dense_vicreg(z_a: torch.Tensor, z_b: torch.Tensor, grid_ab: torch.Tensor,
     """
     inv_ab = (z_a - at_corresponding(z_b, grid_ab)).pow(2).mean(-1)    # (B, P)
     inv_ba = (z_b - at_corresponding(z_a, grid_ba)).pow(2).mean(-1)
-    inv = 0.5 * ((inv_ab * valid_ab).sum() / valid_ab.sum().clamp(min=1)
-                 + (inv_ba * valid_ba).sum() / valid_ba.sum().clamp(min=1))
+    inv = 0.5 * (masked_mean(inv_ab, valid_ab) + masked_mean(inv_ba, valid_ba))
     var_a, cov_a = vicreg_terms(z_a)
     var_b, cov_b = vicreg_terms(z_b)
     var, cov = 0.5 * (var_a + var_b), 0.5 * (cov_a + cov_b)
@@ -378,18 +382,16 @@ def ssl_losses(student: SSLNet, teacher: SSLNet, batch: tuple[torch.Tensor, ...]
     views = torch.cat([view_a, view_b])                                # (2B, 3, H, W)
     grid_size = (views.shape[-2] // student.encoder.patch_size,
                  views.shape[-1] // student.encoder.patch_size)
+    # view a's patches look up view b, and b's look up a
+    grid_ab, valid_ab = correspondence(box_a, box_b, *grid_size)
+    grid_ba, valid_ba = correspondence(box_b, box_a, *grid_size)
     if cfg.objective == "vicreg":                                      # no teacher needed
-        grid_ab, valid_ab = correspondence(box_a, box_b, *grid_size)
-        grid_ba, valid_ba = correspondence(box_b, box_a, *grid_size)
         z = student.expand(student.tokens(views)[1]).float()           # (2B, P, E)
         return dense_vicreg(z[:B], z[B:], grid_ab, grid_ba, valid_ab, valid_ba,
                             cfg.vicreg_weights)
     with torch.no_grad():
         t_cls, t_patch, t_dense = teacher(views)                       # (2B, K'), (2B, P, K), ..
     P = t_patch.shape[1]
-    # view a's patches look up the teacher of view b, and b's look up a's
-    grid_ab, valid_ab = correspondence(box_a, box_b, *grid_size)
-    grid_ba, valid_ba = correspondence(box_b, box_a, *grid_size)
     grid, valid = torch.cat([grid_ab, grid_ba]), torch.cat([valid_ab, valid_ba])   # (2B, ..)
     swap = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)])     # the other style's view
     temp = _teacher_temp(step, cfg)
@@ -407,7 +409,7 @@ def ssl_losses(student: SSLNet, teacher: SSLNet, batch: tuple[torch.Tensor, ...]
         q_patch = at_corresponding(q_patch[swap], grid)                # at s's patch centres
         dino = -(q_cls * F.log_softmax(s_cls / cfg.student_temp, -1)).sum(-1).mean()
         ce = -(q_patch * F.log_softmax(s_patch / cfg.student_temp, -1)).sum(-1)   # (2B, P)
-        ibot = (ce * valid).sum() / valid.sum().clamp(min=1)
+        ibot = masked_mean(ce, valid)
         if cfg.centering == "ema":
             with torch.no_grad():
                 m = cfg.center_momentum
@@ -465,10 +467,8 @@ class VFMRun(ResumableRun):
                 "centers": self.centers}
 
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = make_batch(step, self.cfg)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            return ssl_losses(self.student, self.teacher, batch, self.centers, self.cfg, step)
+        return ssl_losses(self.student, self.teacher, make_batch(step, self.cfg), self.centers,
+                          self.cfg, step)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

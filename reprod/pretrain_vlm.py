@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lessons import toyworld as tw
-from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder, create_model, get_bundle
+from lessons.backbones import WEIGHTS_DIR, Encoder, create_model, get_bundle
 from lessons.captions import HELD_OUT_CLASS, captioned_view, class_areas, random_crop
 from lessons.classes import CLASSES
 from lessons.text import CATSEG_TEMPLATE, default_tokenizer, encode_text
@@ -99,10 +99,8 @@ class VLMRun(ResumableRun):
 
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images, captions = make_batch(step, self.cfg)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            img = self.model.encode_image(self.encoder.normalize(images))             # (B, D)
-            txt = self.model.encode_text(self.tokenizer(captions))                    # (B, D)
+        img = self.model.encode_image(self.encoder.normalize(images))                 # (B, D)
+        txt = self.model.encode_text(self.tokenizer(captions))                        # (B, D)
         img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         loss = clip_loss(img, txt, self.model.logit_scale, captions)
         return loss, {"scale": self.model.logit_scale.detach().exp().item(),
@@ -179,7 +177,7 @@ def retrieval(model: torch.nn.Module, n: int = 200, seed: int = 1) -> dict[str, 
             "chance": 1 / n}
 
 
-def zero_shot_miou(weights: str | Path | None, test_length: int = 100, seed: int = 0
+def zero_shot_miou(model: torch.nn.Module, test_length: int = 100, seed: int = 0
                    ) -> dict[str, float]:
     """MaskCLIP-style zero-shot mIoU per domain (``lessons.zeroshot``), no segmentation training."""
     from lessons.train import evaluate_domains
@@ -187,7 +185,7 @@ def zero_shot_miou(weights: str | Path | None, test_length: int = 100, seed: int
 
     domains = ["synthetic", *tw.TARGET_DOMAINS]
     tests = {d: tw.ToyWorld(d, "test", length=test_length, seed=seed) for d in domains}
-    return evaluate_domains(MaskCLIPSegmenter(build_encoder("toy_vlm", weights)), tests)
+    return evaluate_domains(MaskCLIPSegmenter(Encoder(get_bundle("toy_vlm"), model)), tests)
 
 
 def measure(weights: str | Path, random_too: bool = True) -> dict:
@@ -196,7 +194,7 @@ def measure(weights: str | Path, random_too: bool = True) -> dict:
     for name, w in [("toy VLM", weights), ("random-init CLIP", None)][: 2 if random_too else 1]:
         model = create_model("toy_vlm", w).eval()
         out[name] = {"retrieval": retrieval(model), "crops": crop_classification(model),
-                     "zero_shot_miou": zero_shot_miou(w)}
+                     "zero_shot_miou": zero_shot_miou(model)}
     return out
 
 

@@ -65,8 +65,8 @@ def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> f
 class ResumableRun:
     """Chunked training with exact resumption; subclasses set ``name``, ``model`` and ``opt``.
 
-    The config is a dataclass with at least ``steps``, ``lr``, ``min_lr``, ``warmup_steps`` and
-    ``grad_clip``.
+    The config is a dataclass with at least ``steps``, ``lr``, ``min_lr``, ``warmup_steps``,
+    ``grad_clip`` and ``bf16`` (run ``loss`` under bfloat16 autocast: AMX CPUs, GPUs).
     """
 
     name = "run"
@@ -131,13 +131,15 @@ class ResumableRun:
         """Train until the run is done (or at step ``stop_at``) or ``minutes`` have passed; save."""
         cfg, start = self.cfg, time.perf_counter()
         self.trained_on = hardware()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.model.train()
         while self.step < last and time.perf_counter() - start < 60 * minutes:
             for group in self.opt.param_groups:
                 group["lr"] = cosine_lr(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps,
                                         cfg.steps)
-            loss, parts = self.loss(self.step)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, parts = self.loss(self.step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {self.step}: {parts}")
             self.opt.zero_grad(set_to_none=True)
