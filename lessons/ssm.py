@@ -167,7 +167,8 @@ def scan_ref_core(u, delta, A, B, C):
     batch, dim, _ = u.shape
     h = u.new_zeros(batch, dim, A.shape[1])                            # (batch, D, N)
     ys = []
-    for u_t, delta_t, B_t, C_t in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1)):
+    for u_t, delta_t, B_t, C_t in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1),
+                                      strict=True):
         A_bar = torch.exp(delta_t[:, :, None] * A)                     # (batch, D, N)  Eq. 4
         B_bar_u = delta_t[:, :, None] * B_t[:, None, :] * u_t[:, :, None]   # (batch, D, N)
         h = A_bar * h + B_bar_u                                        # Eq. 2a
@@ -202,7 +203,7 @@ def _recur_chunk(dA, x, h0):
     One fused multiply-add per token on a (batch, N, D) block; returns the last state (a view).
     """
     h = h0
-    for a_t, x_t in zip(dA.unbind(0), x.unbind(0)):
+    for a_t, x_t in zip(dA.unbind(0), x.unbind(0), strict=True):
         h = x_t.addcmul_(a_t, h)
     return h
 
@@ -225,7 +226,8 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, chunk):
-        # u, delta: (batch, D, L); A: (D, N); B, C: (batch, N, L) -> y (batch, D, L), h_L (batch, D, N)
+        # u, delta: (batch, D, L); A: (D, N); B, C: (batch, N, L)
+        # -> y (batch, D, L), h_L (batch, D, N)
         batch, dim, length = u.shape
         n = A.shape[1]
         u_l, delta_l = u.permute(2, 0, 1).contiguous(), delta.permute(2, 0, 1).contiguous()
@@ -234,7 +236,7 @@ class _ChunkedScan(torch.autograd.Function):
         y = u.new_empty(length, batch, dim)                                        # (L, batch, D)
         dA = u.new_empty(chunk, batch, n, dim)
         x = u.new_empty(chunk, batch, n, dim)
-        starts = u.new_empty((length + chunk - 1) // chunk, batch, n, dim)         # h at chunk starts
+        starts = u.new_empty((length + chunk - 1) // chunk, batch, n, dim)   # h at chunk starts
         h = u.new_zeros(batch, n, dim)
         for k, t0 in enumerate(range(0, length, chunk)):
             t1 = min(t0 + chunk, length)
@@ -291,7 +293,8 @@ class _ChunkedScan(torch.autograd.Function):
             dA_t += M.mul_(d_c[:, :, None, :]).sum((0, 1))                          # Σ_t,b M Δ
         grads = (du.permute(1, 2, 0), ddelta.permute(1, 2, 0), dA_t.t(),
                  dB.permute(1, 2, 0), dC.permute(1, 2, 0))
-        return (*(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad)), None)
+        needs = ctx.needs_input_grad[:5]
+        return (*(gr if need else None for gr, need in zip(grads, needs, strict=True)), None)
 
 
 def scan_fast_core(u, delta, A, B, C, chunk_size: int | None = None):
@@ -389,7 +392,7 @@ def rms_norm_gated(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None
 
 
 class RMSNormGated(nn.Module):
-    """Gated RMSNorm; its state dict (``weight``, no bias) loads from ``mamba_ssm``'s RMSNormGated."""
+    """Gated RMSNorm; its state dict (``weight``, no bias) loads from mamba_ssm's RMSNormGated."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
                  norm_before_gate: bool = True, device=None, dtype=None):
