@@ -3,7 +3,7 @@
 #   make lessons    set up, then execute every lesson headless into build/notebooks/
 #   make test       set up, then run every test (unit tests + nbval over all notebooks)
 #   make notebooks  re-execute every notebook in place: the canonical way to refresh outputs
-#   make bench      ToyWorld rendering benchmark
+#   make bench      benchmarks: ToyWorld rendering, the selective scan against mambapy
 # Needs only Python >= 3.10 with venv. TORCH pins the PyTorch wheels (PyPI; no other index).
 
 PYTHON ?= python3
@@ -40,6 +40,7 @@ notebooks: setup
 
 bench: setup
 	$(PY) -m reprod.bench_toyworld
+	$(PY) -m reprod.bench_ssm
 
 check-env: setup
 	$(PY) -m lessons.check_env

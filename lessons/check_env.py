@@ -66,10 +66,10 @@ def mamba_status() -> str:
         return "torch missing"
     if not torch.cuda.is_available():
         return "not used (no CUDA): lessons use the pure-PyTorch scan"
-    try:
-        importlib.import_module("mamba_ssm")
-    except Exception as e:  # ImportError, or a CUDA/ABI error from the extension
-        return f"not importable ({type(e).__name__}): lessons use the pure-PyTorch scan"
+    from lessons.ssm import INSTALL_HINT, mamba_ssm_available
+
+    if not mamba_ssm_available():   # ImportError, or a CUDA/ABI error from the extension
+        return f"selective_scan_fn does not import: {INSTALL_HINT}"
     return f"available (mamba_ssm {md.version('mamba-ssm')})"
 
 
