@@ -122,12 +122,24 @@ def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """AdamW or SGD over the trainable parameters.
+
+    A model may define ``param_groups(weight_decay) -> list[dict]``: groups with their own
+    ``weight_decay`` and an ``lr_mult`` on ``cfg.lr`` (no decay on norms and tokens, a reduced
+    encoder learning rate, as the papers' optimisers have them).
+    """
+    if _has_method(model, "param_groups"):
+        groups = [dict(g) for g in model.param_groups(cfg.weight_decay)]
+        for g in groups:
+            g["lr"] = cfg.lr * g.pop("lr_mult", 1.0)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         raise ValueError("the model has no trainable parameters (all requires_grad=False)")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -198,7 +210,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
         out = train_step(model, images.to(device), labels.to(device), optimizer, cfg.grad_clip)
         hist.steps.append(step + 1)
         hist.loss.append(out["loss"])
-        hist.lr.append(scheduler.get_last_lr()[0])
+        hist.lr.append(max(scheduler.get_last_lr()))
         scheduler.step()
         bar.set_postfix(loss=f"{out['loss']:.3f}")
         if callback is not None:
