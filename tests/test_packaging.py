@@ -65,6 +65,8 @@ def test_wheel_lists_the_package_data(wheel):
 
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("lessons/weights/README.md", "reprod/paper_results.yaml",
+                     "lessons/weights/checkpoints/toy_sweep.json",
+                     "lessons/weights/checkpoints/02_rein/rein_seed0.safetensors",
                      "lessons/toyworld.py", "reprod/notebooks.py"):
         assert expected in names, expected
 

@@ -1,0 +1,249 @@
+"""The toy sweep: train every lesson model on ToyWorld, write lesson checkpoints, tabulate results.
+
+    python -m reprod.toy_sweep                              # every method, seeds 0 1 2
+    python -m reprod.toy_sweep --methods rein --seeds 0     # one run
+    python -m reprod.toy_sweep --table                      # print the results table only
+
+Each run follows the toy benchmark protocol (``lessons.toyworld.TOY_BENCHMARK``): train on
+``synthetic`` with the same budget for every method (``lessons.train``; the recipes' random flip and
+photometric distortion, ``lessons.augment``), select the checkpoint by
+mIoU on the ``validation`` style, then score the source test split and every target domain. The
+scores are measured on the checkpoint as written (fp16 tensors loaded back), so a notebook that
+loads it and evaluates the same scenes gets the same numbers.
+
+Resumable by run: results are written after each (method, seed) run (atomically) and a run with a
+result for the same protocol and configuration is skipped; ``--force`` reruns. Checkpoints
+(adapters and heads only, fp16, with the ToyWorld version and ``lessons`` digest in their header)
+are kept for ``--checkpoint-seeds`` (default: seed 0), the rest record results only, to keep the
+package's toy weights small. Runs on CPU (the figures in the README are 2 cores) or a GPU.
+
+Later lessons add their methods to :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lessons import toyworld as tw
+from lessons.augment import Augmented
+from lessons.checkpoints import (
+    CHECKPOINT_DIR,
+    build_model,
+    load_lesson_checkpoint,
+    save_lesson_checkpoint,
+)
+from lessons.train import TrainConfig, evaluate_domains, train
+from lessons.utils import count_parameters, lessons_digest, module_closure, seed_everything
+
+RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A lesson model: how to build it, which lesson shows it, how it trains."""
+
+    lesson: str                       # notebook stem prefix, e.g. "02_rein"
+    builder: str                      # "lessons.<module>:<function>"
+    builder_kwargs: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)     # TrainConfig overrides for this method
+    label: str = ""
+    seeds: tuple[int, ...] | None = None          # None: the benchmark's seeds; ablations: (0,)
+    augment: bool = True              # the recipes' flip + photometric distortion (lessons.augment)
+    keep_checkpoint: bool = True      # ablations keep results only
+
+
+# The same budget for every method (the toy benchmark compares at equal steps and batch).
+SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedule="poly",
+                   eval_every=100, select_best=True)
+
+_SEG = "lessons.segmentor:build_toy_segmentor"
+METHODS: dict[str, Method] = {
+    "frozen": Method("02_rein", _SEG, {"method": "frozen"}, label="frozen + head"),
+    "full": Method("02_rein", _SEG, {"method": "full"}, label="full fine-tune"),
+    "rein": Method("02_rein", _SEG, {"method": "rein"}, label="Rein"),
+    # ablations behind notebook 02's exercises (seed 0 only, results without checkpoints)
+    "rein_zero_init": Method("02_rein", _SEG, {"method": "rein", "zero_init": True},
+                             label="Rein, paper init", seeds=(0,),
+                             keep_checkpoint=False),
+    "rein_m5": Method("02_rein", _SEG, {"method": "rein", "token_length": 5},
+                      label="Rein, 5 tokens", seeds=(0,),
+                      keep_checkpoint=False),
+    "full_lr_0.1": Method("02_rein", _SEG, {"method": "full", "backbone_lr_mult": 0.1},
+                          label="full, encoder lr x0.1", seeds=(0,),
+                          keep_checkpoint=False),
+}
+
+
+def run_key(method: str, seed: int) -> str:
+    return f"{method}/seed{seed}"
+
+
+def checkpoint_path(method: str, seed: int, root: Path = CHECKPOINT_DIR) -> Path:
+    return root / METHODS[method].lesson / f"{method}_seed{seed}.safetensors"
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def train_config(method: str, seed: int, steps: int | None = None) -> TrainConfig:
+    cfg = {**SWEEP_TRAIN, **METHODS[method].train, "seed": seed, "progress": False}
+    if steps is not None:
+        cfg["steps"] = steps
+    return TrainConfig.from_dict(cfg)
+
+
+def protocol(test_length: int) -> dict:
+    return {**tw.TOY_BENCHMARK, "test_length": test_length,
+            "targets": (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)}
+
+
+def run_one(method: str, seed: int, steps: int | None = None, test_length: int = 200,
+            checkpoint: Path | None = None) -> dict:
+    """Train one (method, seed), write its checkpoint (if a path is given), score every domain."""
+    spec = METHODS[method]
+    cfg = train_config(method, seed, steps)
+    proto = protocol(test_length)
+    sets = tw.benchmark_datasets(seed, proto)
+    seed_everything(seed)
+    model = build_model(spec.builder, spec.builder_kwargs)
+    source = sets.pop("train")
+    if spec.augment:
+        source = Augmented(source, seed=seed)
+    hist = train(model, source, cfg, val_dataset=sets.pop("val"))
+    modules = module_closure(spec.builder.split(":")[0].removeprefix("lessons."))
+    meta = {"builder": spec.builder, "builder_kwargs": spec.builder_kwargs, "method": method,
+            "lesson": spec.lesson, "seed": seed, "train_config": asdict(cfg),
+            "toyworld_version": tw.TOYWORLD_VERSION, "lessons_modules": modules,
+            "lessons_digest": lessons_digest(modules), "best_step": hist.best_step,
+            "val_miou": hist.best_miou, "seconds": round(hist.seconds, 1),
+            "augment": spec.augment, "hardware": hardware(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint or Path(tmp) / f"{method}_seed{seed}.safetensors"
+        save_lesson_checkpoint(path, model.trainable_state_dict(), meta)
+        scored, _ = load_lesson_checkpoint(path)      # score what was written (fp16)
+    miou = evaluate_domains(scored, sets)
+    return {**{k: meta[k] for k in ("method", "seed", "best_step", "val_miou", "seconds",
+                                     "augment", "hardware", "torch", "lessons_digest")},
+            "toyworld_version": tw.TOYWORLD_VERSION, "train_config": asdict(cfg),
+            "test_length": test_length, "miou": miou,
+            "trainable_parameters": count_parameters(model),
+            "checkpoint": checkpoint.name if checkpoint else None,
+            "final_loss": float(np.mean(hist.loss[-20:]))}
+
+
+def load_results(path: Path = RESULTS_FILE) -> dict:
+    if not path.exists():
+        return {"runs": {}}
+    return json.loads(path.read_text())
+
+
+def _add_result(key: str, record: dict, path: Path) -> dict:
+    """Add one run to the results file under a lock (sweeps may run in parallel processes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path)
+        results["runs"][key] = record
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(path)
+    return results
+
+
+def _is_done(record: dict | None, cfg: TrainConfig, test_length: int, augment: bool) -> bool:
+    return (record is not None and record.get("toyworld_version") == tw.TOYWORLD_VERSION
+            and record.get("train_config") == asdict(cfg)
+            and record.get("test_length") == test_length and record.get("augment") == augment)
+
+
+def summary(results: dict, methods: list[str] | None = None) -> dict[str, dict]:
+    """Per method: mean and standard deviation over seeds of mIoU per domain (percent)."""
+    by_method: dict[str, list[dict]] = {}
+    for rec in results["runs"].values():
+        by_method.setdefault(rec["method"], []).append(rec["miou"])
+    out = {}
+    for m in methods or [m for m in METHODS if m in by_method]:
+        runs = by_method.get(m, [])
+        if not runs:
+            continue
+        domains = [d for d in (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS) if d in runs[0]]
+        targets = domains[1:]
+        vals = {d: 100 * np.array([r[d] for r in runs]) for d in domains}
+        vals["targets' mean"] = np.mean([vals[d] for d in targets], axis=0)
+        out[m] = {d: (float(v.mean()), float(v.std()), len(v)) for d, v in vals.items()}
+    return out
+
+
+def markdown_table(results: dict, methods: list[str] | None = None) -> str:
+    """mIoU (%) mean ± std over seeds, a row per method."""
+    s = summary(results, methods)
+    if not s:
+        return "(no results yet)"
+    domains = list(next(iter(s.values())))
+    lines = ["| method | seeds | " + " | ".join(domains) + " |",
+             "|---|---|" + "---|" * len(domains)]
+    for m, row in s.items():
+        n = next(iter(row.values()))[2]
+        cells = [f"{mu:.1f} ± {sd:.1f}" for mu, sd, _ in row.values()]
+        lines.append(f"| {METHODS[m].label or m} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(tw.TOY_BENCHMARK["seeds"]),
+                    help="benchmark seeds (default 0 1 2; an ablation runs only its own seeds)")
+    ap.add_argument("--checkpoint-seeds", nargs="*", type=int, default=[0],
+                    help="seeds whose checkpoints are written (default: 0)")
+    ap.add_argument("--steps", type=int, default=None, help="override the training steps")
+    ap.add_argument("--test-length", type=int, default=tw.TOY_BENCHMARK["test_length"])
+    ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR,
+                    help="where checkpoints and toy_sweep.json go (default: the lesson dir)")
+    ap.add_argument("--force", action="store_true", help="rerun runs that have results")
+    ap.add_argument("--table", action="store_true", help="print the results table and exit")
+    args = ap.parse_args(argv)
+    results_file = args.out / RESULTS_FILE.name
+    results = load_results(results_file)
+    if args.table:
+        print(markdown_table(results, args.methods))
+        return 0
+    for seed in args.seeds:                           # seed-major: seed 0 of everything first
+        for method in args.methods:
+            if METHODS[method].seeds is not None and seed not in METHODS[method].seeds:
+                continue
+            key = run_key(method, seed)
+            cfg = train_config(method, seed, args.steps)
+            done = _is_done(results["runs"].get(key), cfg, args.test_length,
+                            METHODS[method].augment)
+            if not args.force and done:
+                print(f"{key}: done, skipped")
+                continue
+            keep = seed in args.checkpoint_seeds and METHODS[method].keep_checkpoint
+            ckpt = checkpoint_path(method, seed, args.out) if keep else None
+            start = time.perf_counter()
+            rec = run_one(method, seed, args.steps, args.test_length, ckpt)
+            results = _add_result(key, rec, results_file)
+            targets = [v for d, v in rec["miou"].items() if d != tw.SOURCE_DOMAIN]
+            print(f"{key}: {time.perf_counter() - start:.0f} s, val {100 * rec['val_miou']:.1f} "
+                  f"(step {rec['best_step']}), source {100 * rec['miou'][tw.SOURCE_DOMAIN]:.1f}, "
+                  f"targets' mean {100 * np.mean(targets):.1f}", flush=True)
+    print(markdown_table(results, args.methods))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Tests of reprod.toy_sweep (a tiny sweep end to end, resuming, the table) and of the committed
+lesson checkpoints and results it made (they load, fit the code and re-measure as recorded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lessons import toyworld as tw
+from lessons.checkpoints import CHECKPOINT_DIR, load_lesson_checkpoint, read_metadata
+from lessons.train import evaluate
+from reprod import toy_sweep
+from reprod.toy_sweep import METHODS, RESULTS_FILE, load_results, markdown_table, summary
+
+
+def test_a_tiny_sweep_writes_checkpoints_and_results_and_resumes(tmp_path, capsys):
+    args = ["--methods", "frozen", "rein", "--seeds", "0", "1", "--checkpoint-seeds", "0",
+            "--steps", "2", "--test-length", "2", "--out", str(tmp_path)]
+    assert toy_sweep.main(args) == 0
+    results = load_results(tmp_path / RESULTS_FILE.name)
+    assert set(results["runs"]) == {"frozen/seed0", "rein/seed0", "frozen/seed1", "rein/seed1"}
+    rec = results["runs"]["rein/seed0"]
+    assert set(rec["miou"]) == {tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS}
+    assert rec["train_config"]["steps"] == 2 and rec["toyworld_version"] == tw.TOYWORLD_VERSION
+    assert rec["checkpoint"] == "rein_seed0.safetensors"
+    assert results["runs"]["rein/seed1"]["checkpoint"] is None
+    ckpt = tmp_path / "02_rein" / "rein_seed0.safetensors"
+    assert ckpt.exists() and not (tmp_path / "02_rein" / "rein_seed1.safetensors").exists()
+    assert read_metadata(ckpt)["best_step"] == 2
+    capsys.readouterr()
+    assert toy_sweep.main(args) == 0                              # resumes: nothing to redo
+    out = capsys.readouterr().out
+    assert out.count("done, skipped") == 4
+    table = markdown_table(results)
+    assert "| Rein | 2 |" in table and "targets' mean" in table
+
+
+def test_summary_is_mean_and_spread_over_seeds():
+    rec = {d: 0.0 for d in (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)}
+    runs = {"runs": {"rein/seed0": {"method": "rein", "miou": {**rec, "fog": 0.2}},
+                     "rein/seed1": {"method": "rein", "miou": {**rec, "fog": 0.4}}}}
+    fog = summary(runs)["rein"]["fog"]
+    assert fog[0] == pytest.approx(30.0) and fog[1] == pytest.approx(10.0) and fog[2] == 2
+    assert summary(runs)["rein"]["targets' mean"][0] == pytest.approx(30.0 / 8)
+
+
+# --- what the sweep committed -----------------------------------------------------------------
+COMMITTED = sorted(CHECKPOINT_DIR.glob("*/*.safetensors"))
+
+
+def test_every_method_has_results_for_every_benchmark_seed():
+    runs = load_results()["runs"]
+    for method, spec in METHODS.items():
+        for seed in spec.seeds or tw.TOY_BENCHMARK["seeds"]:
+            rec = runs.get(f"{method}/seed{seed}")
+            assert rec is not None, f"{method}/seed{seed} missing: run python -m reprod.toy_sweep"
+            assert rec["toyworld_version"] == tw.TOYWORLD_VERSION
+            assert rec["train_config"] == runs["frozen/seed0"]["train_config"] | {"seed": seed}
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_committed_checkpoints_load_into_the_current_code(path):
+    _, meta = load_lesson_checkpoint(path)
+    assert meta["method"] in METHODS and path.parent.name == METHODS[meta["method"]].lesson
+    assert path.stat().st_size < 8 << 20
+
+
+def test_a_committed_result_re_measures_as_recorded():
+    """The Rein checkpoint, scored again on the source test split, gives its recorded mIoU."""
+    rec = load_results()["runs"]["rein/seed0"]
+    model, _ = load_lesson_checkpoint(CHECKPOINT_DIR / "02_rein" / rec["checkpoint"])
+    test = tw.ToyWorld(tw.SOURCE_DOMAIN, "test", length=rec["test_length"], seed=0)
+    miou = evaluate(model, test)["mean_iou"]
+    assert miou == pytest.approx(rec["miou"][tw.SOURCE_DOMAIN], abs=5e-3)
