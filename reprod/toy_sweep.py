@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from lessons.checkpoints import (
 )
 from lessons.train import TrainConfig, evaluate_domains, train
 from lessons.utils import count_parameters, lessons_digest, module_closure, seed_everything
+from reprod.resumable import hardware
 
 RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"
 
@@ -90,12 +90,6 @@ def run_key(method: str, seed: int) -> str:
 
 def checkpoint_path(method: str, seed: int, root: Path = CHECKPOINT_DIR) -> Path:
     return root / METHODS[method].lesson / f"{method}_seed{seed}.safetensors"
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def train_config(method: str, seed: int, steps: int | None = None) -> TrainConfig:
