@@ -92,17 +92,27 @@ def load_lesson_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     if wrong:
         raise ValueError(f"{path} has tensors the model does not: {wrong[:5]}")
     try:
-        result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()},
-                                       strict=False)
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     except RuntimeError as e:          # shape mismatches
         raise ValueError(f"{path} does not fit the model built by {meta['builder']}: {e}") from e
-    expected_missing = set(own) - set(state)
-    if set(result.missing_keys) != expected_missing or any(
-            not k.startswith("encoder.") for k in expected_missing):
-        lacking = sorted(k for k in expected_missing if not k.startswith("encoder."))
+    covered = {own[k].data_ptr() for k in state if own[k].numel()}
+    lacking = sorted(k for k in trainable_keys(model) if k not in state
+                     and not (own[k].numel() and own[k].data_ptr() in covered))
+    if lacking:                  # frozen tensors come from the builder; trained ones must be here
         raise ValueError(f"{path} lacks trained tensors: {lacking[:5]}")
     model.eval()
     return model, meta
+
+
+def trainable_keys(model: nn.Module) -> set[str]:
+    """State-dict names of what trains: parameters with ``requires_grad`` and the buffers of
+    modules that own one (BatchNorm statistics). Everything else comes from a builder."""
+    keys = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            dot = f"{prefix}." if prefix else ""
+            keys |= {dot + b for b, _ in module.named_buffers(recurse=False)}
+    return keys & set(model.state_dict())
 
 
 def _existing(path: str | Path) -> Path:
