@@ -67,6 +67,8 @@ SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedul
                    eval_every=100, select_best=True)
 
 _SEG = "lessons.segmentor:build_toy_segmentor"
+_TQDM = "lessons.mask2former:build_toy_tqdm"
+_REIN_M2F = "lessons.mask2former:build_toy_rein_mask2former"
 METHODS: dict[str, Method] = {
     "frozen": Method("02_rein", _SEG, {"method": "frozen"}, label="frozen + head"),
     "full": Method("02_rein", _SEG, {"method": "full"}, label="full fine-tune"),
@@ -81,6 +83,13 @@ METHODS: dict[str, Method] = {
     "full_lr_0.1": Method("02_rein", _SEG, {"method": "full", "backbone_lr_mult": 0.1},
                           label="full, encoder lr x0.1", seeds=(0,),
                           keep_checkpoint=False),
+    # notebook 03: Mask2Former heads (Rein's query link on the VFM; tqdm's text queries on the VLM)
+    "rein_m2f": Method("03_text_queries", _REIN_M2F, label="Rein + Mask2Former (query link)"),
+    "tqdm": Method("03_text_queries", _TQDM, label="tqdm (toy VLM, text queries)"),
+    "tqdm_learnable": Method("03_text_queries", _TQDM,
+                             {"queries": "learnable", "matcher": "hungarian"},
+                             label="toy VLM, learnable queries + Hungarian", seeds=(0,),
+                             keep_checkpoint=False),
 }
 
 
