@@ -69,6 +69,7 @@ from torch import nn
 from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder
 from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from lessons.rein import Reins
+from lessons.segmentor import optimizer_groups
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -946,9 +947,6 @@ class SimpleFPN(nn.Module):
 # The segmentor
 # ----------------------------------------------------------------------------------------------
 
-NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "reins.scale")
-NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-
 
 class MaskFormerSegmentor(nn.Module):
     """Encoder (+ Reins) -> neck -> Mask2Former head, with class-text queries for tqdm.
@@ -1056,17 +1054,8 @@ class MaskFormerSegmentor(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """No decay on norms / embeddings / tokens; ``backbone_lr_mult`` on the encoder, Reins and
         neck (tqdm's FPN belongs to its backbone, so 0.1x too)."""
-        norms = {id(p) for m in self.modules() if isinstance(m, NORM_LAYERS)
-                 for p in m.parameters(recurse=False)}
-        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            no_decay = id(p) in norms or any(k in name for k in NO_DECAY_KEYS)
-            in_backbone = name.startswith(("encoder.", "reins.", "neck."))
-            mult = self.backbone_lr_mult if in_backbone else 1.0
-            groups.setdefault((0.0 if no_decay else weight_decay, mult), []).append(p)
-        return [{"params": ps, "weight_decay": d, "lr_mult": m} for (d, m), ps in groups.items()]
+        return optimizer_groups(self, weight_decay, self.backbone_lr_mult,
+                                backbone=("encoder.", "reins.", "neck."))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What trains (and the buffers of modules that train), each tensor once."""

@@ -40,6 +40,23 @@ NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "rein
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
+def optimizer_groups(model: nn.Module, weight_decay: float, backbone_lr_mult: float = 1.0,
+                     backbone: tuple[str, ...] = ("encoder.", "reins.")) -> list[dict]:
+    """Optimiser groups for ``lessons.train``: no weight decay on norms, embeddings and Rein's
+    tokens and scale (the official paramwise configs), ``backbone_lr_mult`` on the parameters whose
+    names start with a ``backbone`` prefix. Frozen parameters are left out."""
+    norms = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS)
+             for p in m.parameters(recurse=False)}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = id(p) in norms or any(k in name for k in NO_DECAY_KEYS)
+        mult = backbone_lr_mult if name.startswith(backbone) else 1.0
+        groups.setdefault((0.0 if no_decay else weight_decay, mult), []).append(p)
+    return [{"params": ps, "weight_decay": d, "lr_mult": m} for (d, m), ps in groups.items()]
+
+
 class LevelHead(nn.Module):
     """L encoder maps (B, C, h, w) -> class logits (B, K, h, w) at the first map's size.
 
@@ -113,17 +130,7 @@ class Segmentor(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimiser groups for ``lessons.train``: Rein's no-decay names, the encoder's lr mult."""
-        norms = {id(p) for m in self.modules() if isinstance(m, NORM_LAYERS)
-                 for p in m.parameters(recurse=False)}
-        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            no_decay = id(p) in norms or any(k in name for k in NO_DECAY_KEYS)
-            decay = 0.0 if no_decay else weight_decay
-            mult = self.backbone_lr_mult if name.startswith(("encoder.", "reins.")) else 1.0
-            groups.setdefault((decay, mult), []).append(p)
-        return [{"params": ps, "weight_decay": d, "lr_mult": m} for (d, m), ps in groups.items()]
+        return optimizer_groups(self, weight_decay, self.backbone_lr_mult)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a lesson checkpoint stores: the state of everything that trains.
