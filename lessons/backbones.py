@@ -518,7 +518,8 @@ class Encoder(nn.Module):
         attn = blk.attn
         C = x.shape[-1]
         y = blk.ln_1(x)                                                   # (B, N, C)
-        v = F.linear(y, attn.in_proj_weight[2 * C:], attn.in_proj_bias[2 * C:])
+        w_v = attn.in_proj_weight[2 * C:] if attn.in_proj_weight is not None else attn.v_proj_weight
+        v = F.linear(y, w_v, attn.in_proj_bias[2 * C:])                  # q / k / v split or not
         v = attn.out_proj(v)                                              # no q-k attention
         v = blk.ls_1(v) + (x[:, :1] if cls_residual else x)               # CAT-Seg: CLS only
         return v + blk.ls_2(blk.mlp(blk.ln_2(v)))
