@@ -228,13 +228,14 @@ class ConversionReport:
     mismatched: list[str] = field(default_factory=list)   # same name, other shape
     other: list[str] = field(default_factory=list)        # outside backbone.reins. (head etc.)
     verified: bool = False    # True only once a real released checkpoint has loaded
+    what: str = "Rein"        # whose tensors (the report of another method's converter)
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} Rein tensors"
+        lines = [f"converted {len(self.converted)} {self.what} tensors"
                  + ("" if self.verified else " (converter not yet verified on a released "
                                                 "checkpoint)")]
         for name in ("missing", "unexpected", "mismatched"):
@@ -243,8 +244,8 @@ class ConversionReport:
                 lines.append(f"{name} ({len(keys)}): {', '.join(keys)}")
         if self.other:
             heads = sorted({k.split(".")[0] for k in self.other})
-            lines.append(f"not Rein ({len(self.other)} keys under {', '.join(heads)}): left for "
-                         f"the decoder's own converter")
+            lines.append(f"not {self.what} ({len(self.other)} keys under {', '.join(heads)}): "
+                         f"left for their own converter")
         return "\n".join(lines)
 
 

@@ -305,15 +305,10 @@ def encode_text(
     an open_clip model name for ``open_clip.get_tokenizer``; anything else is called as
     ``tokenizer(texts, context_length=L)`` (SigLIP: ``load_siglip_tokenizer(path)``).
     """
-    if isinstance(texts, str) or len(texts) == 0:
-        raise ValueError("texts must be a non-empty sequence of strings")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    tower = text_tower(model)
-    tokenizer = _resolve_tokenizer(tokenizer, tower.vocab_size)
-    tokens = _tokenize(tokenizer, texts, tower.context_length)  # (K, L)
-    _check_vocab(tokens, tower.vocab_size)
-    device = tower.token_embedding.weight.device
+    tokens = tokenize(model, texts, tokenizer)  # (K, L)
+    device = text_tower(model).token_embedding.weight.device
     chunks = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
@@ -321,6 +316,19 @@ def encode_text(
             chunks.append(model.encode_text(chunk))  # (k, C_embed)
     embeddings = torch.cat(chunks)  # (K, C_embed)
     return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+
+def tokenize(model: nn.Module, texts: Sequence[str], tokenizer: Tokenizer | str | None = None
+             ) -> torch.Tensor:
+    """Token ids (K, L) of ``texts`` at the text tower's context length, checked against its
+    vocabulary (``tokenizer`` as in :func:`encode_text`). For towers that train (CAT-Seg)."""
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty sequence of strings")
+    tower = text_tower(model)
+    tokens = _tokenize(_resolve_tokenizer(tokenizer, tower.vocab_size), texts,
+                       tower.context_length)  # (K, L)
+    _check_vocab(tokens, tower.vocab_size)
+    return tokens
 
 
 def _check_vocab(tokens: torch.Tensor, vocab_size: int) -> None:
