@@ -115,6 +115,18 @@ def trainable_keys(model: nn.Module) -> set[str]:
     return keys & set(model.state_dict())
 
 
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state a lesson checkpoint stores: :func:`trainable_keys`, each tensor once (an
+    encoder's alias of its own tower, e.g. ``encoder.vit.*``, is not stored twice)."""
+    keep = trainable_keys(model)
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if k in keep and not (v.numel() and v.data_ptr() in seen):
+            seen.add(v.data_ptr())
+            out[k] = v
+    return out
+
+
 def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():

@@ -67,6 +67,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder
+from lessons.checkpoints import trainable_state_dict
 from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from lessons.rein import Reins
 from lessons.segmentor import optimizer_groups
@@ -1059,14 +1060,7 @@ class MaskFormerSegmentor(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What trains (and the buffers of modules that train), each tensor once."""
-        from lessons.checkpoints import trainable_keys
-        keep = trainable_keys(self)
-        out, seen = {}, set()
-        for k, v in self.state_dict().items():
-            if k in keep and not (v.numel() and v.data_ptr() in seen):
-                seen.add(v.data_ptr())
-                out[k] = v
-        return out
+        return trainable_state_dict(self)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -230,6 +230,19 @@ class ConversionReport:
     verified: bool = False    # True only once a real released checkpoint has loaded
     what: str = "Rein"        # whose tensors (the report of another method's converter)
 
+    def place(self, key: str, name: str, value: torch.Tensor, ours: Mapping[str, torch.Tensor],
+              out: dict[str, torch.Tensor]) -> None:
+        """Put the official ``key`` into ``out`` as our ``name`` if it fits ``ours`` (cast to our
+        dtype); otherwise record it as unexpected or mismatched."""
+        if name not in ours:
+            self.unexpected.append(key)
+        elif tuple(value.shape) != tuple(ours[name].shape):
+            self.mismatched.append(f"{key} {tuple(value.shape)} vs ours "
+                                   f"{tuple(ours[name].shape)}")
+        else:
+            out[name] = value.to(ours[name].dtype)
+            self.converted.append(key)
+
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
@@ -247,6 +260,19 @@ class ConversionReport:
             lines.append(f"not {self.what} ({len(self.other)} keys under {', '.join(heads)}): "
                          f"left for their own converter")
         return "\n".join(lines)
+
+
+def read_official_checkpoint(path: str | Path, where: str) -> Mapping:
+    """``torch.load(path, weights_only=True)`` with clear errors: a missing file says ``where``
+    the released weights come from; an unreadable one says why it failed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: {where}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:      # pickle, zip and torch each raise their own kind
+        raise ValueError(f"{path} is not a checkpoint torch can read with weights_only=True: "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def convert_official_rein(checkpoint: Mapping[str, torch.Tensor] | Mapping[str, Mapping],
@@ -270,14 +296,7 @@ def convert_official_rein(checkpoint: Mapping[str, torch.Tensor] | Mapping[str, 
             continue
         name = key[len(OFFICIAL_PREFIX):]
         seen.add(name)
-        if name not in ours:
-            report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(ours[name].shape):
-            report.mismatched.append(f"{key} {tuple(value.shape)} vs ours "
-                                     f"{tuple(ours[name].shape)}")
-        else:
-            out[name] = value.to(ours[name].dtype)
-            report.converted.append(key)
+        report.place(key, name, value, ours, out)
     report.missing = [OFFICIAL_PREFIX + k for k in ours if k not in seen]
     return out, report
 
@@ -288,15 +307,8 @@ def load_official_rein(path: str | Path, reins: Reins, strict: bool = True) -> C
     ``strict``: a missing, unexpected or mis-shaped Rein key is an error (the report says which);
     with ``strict=False`` what fits is loaded and the rest keeps its initialisation.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: the released Rein checkpoints are "
-                                f"linked from the official repository's README (w1oves/Rein)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:      # pickle, zip and torch each raise their own kind
-        raise ValueError(f"{path} is not a checkpoint torch can read with weights_only=True: "
-                         f"{type(e).__name__}: {e}") from e
+    ckpt = read_official_checkpoint(path, "the released Rein checkpoints are linked from the "
+                                          "official repository's README (w1oves/Rein)")
     sd, report = convert_official_rein(ckpt, reins)
     if strict and not report.ok:
         raise ValueError(f"{path} does not fit these Reins:\n{report}")
