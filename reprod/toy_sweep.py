@@ -7,8 +7,9 @@
 Each run follows the toy benchmark protocol (``lessons.toyworld.TOY_BENCHMARK``): train on
 ``synthetic`` with the same budget for every method (``lessons.train``; the recipes' random flip and
 photometric distortion, ``lessons.augment``), select the checkpoint by
-mIoU on the ``validation`` style, then score the source test split and every target domain. The
-scores are measured on the checkpoint as written (fp16 tensors loaded back), so a notebook that
+mIoU on the ``validation`` style, then score the source test split and every target domain (mIoU,
+and every class's IoU, None where a class is absent). A method may add its recipe's own training
+knobs (``Method.train``, e.g. CAT-Seg's gradient clipping at 0.01). The scores are measured on the checkpoint as written (fp16 tensors loaded back), so a notebook that
 loads it and evaluates the same scenes gets the same numbers.
 
 Resumable by run: results are written after each (method, seed) run (atomically) and a run with a
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +43,7 @@ from lessons.checkpoints import (
     load_lesson_checkpoint,
     save_lesson_checkpoint,
 )
-from lessons.train import TrainConfig, evaluate_domains, train
+from lessons.train import TrainConfig, evaluate, train
 from lessons.utils import count_parameters, lessons_digest, module_closure, seed_everything
 from reprod.resumable import hardware
 
@@ -69,6 +71,7 @@ SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedul
 _SEG = "lessons.segmentor:build_toy_segmentor"
 _TQDM = "lessons.mask2former:build_toy_tqdm"
 _REIN_M2F = "lessons.mask2former:build_toy_rein_mask2former"
+_CATSEG = "lessons.catseg:build_toy_catseg"
 METHODS: dict[str, Method] = {
     "frozen": Method("02_rein", _SEG, {"method": "frozen"}, label="frozen + head"),
     "full": Method("02_rein", _SEG, {"method": "full"}, label="full fine-tune"),
@@ -90,6 +93,12 @@ METHODS: dict[str, Method] = {
                              {"queries": "learnable", "matcher": "hungarian"},
                              label="toy VLM, learnable queries + Hungarian", seeds=(0,),
                              keep_checkpoint=False),
+    # notebook 04: CAT-Seg on the toy VLM, `bus` held out of training (scored from its name);
+    # the official full-model gradient clipping at 0.01 (G8)
+    "catseg": Method("04_catseg", _CATSEG, train={"grad_clip": 0.01},
+                     label="CAT-Seg (toy VLM, bus unseen)"),
+    "catseg_all": Method("04_catseg", _CATSEG, {"held_out": []}, train={"grad_clip": 0.01},
+                         label="CAT-Seg, bus trained", seeds=(0,)),
 }
 
 
@@ -137,11 +146,16 @@ def run_one(method: str, seed: int, steps: int | None = None, test_length: int =
         path = checkpoint or Path(tmp) / f"{method}_seed{seed}.safetensors"
         save_lesson_checkpoint(path, model.trainable_state_dict(), meta)
         scored, _ = load_lesson_checkpoint(path)      # score what was written (fp16)
-    miou = evaluate_domains(scored, sets)
+    miou, class_iou = {}, {}
+    for domain, dataset in sets.items():
+        result = evaluate(scored, dataset)
+        miou[domain] = result["mean_iou"]
+        class_iou[domain] = [None if math.isnan(v) else round(float(v), 4)   # absent: None
+                             for v in result["per_class_iou"].tolist()]
     return {**{k: meta[k] for k in ("method", "seed", "best_step", "val_miou", "seconds",
                                      "augment", "hardware", "torch", "lessons_digest")},
             "toyworld_version": tw.TOYWORLD_VERSION, "train_config": asdict(cfg),
-            "test_length": test_length, "miou": miou,
+            "test_length": test_length, "miou": miou, "class_iou": class_iou,
             "trainable_parameters": count_parameters(model),
             "checkpoint": checkpoint.name if checkpoint else None,
             "final_loss": float(np.mean(hist.loss[-20:]))}

@@ -20,6 +20,9 @@ def test_a_tiny_sweep_writes_checkpoints_and_results_and_resumes(tmp_path, capsy
     assert set(results["runs"]) == {"frozen/seed0", "rein/seed0", "frozen/seed1", "rein/seed1"}
     rec = results["runs"]["rein/seed0"]
     assert set(rec["miou"]) == {tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS}
+    assert set(rec["class_iou"]) == set(rec["miou"])               # per-class IoU, absent: None
+    assert all(len(v) == 19 and all(x is None or 0 <= x <= 1 for x in v)
+               for v in rec["class_iou"].values())
     assert rec["train_config"]["steps"] == 2 and rec["toyworld_version"] == tw.TOYWORLD_VERSION
     assert rec["checkpoint"] == "rein_seed0.safetensors"
     assert results["runs"]["rein/seed1"]["checkpoint"] is None
@@ -54,7 +57,9 @@ def test_every_method_has_results_for_every_benchmark_seed():
             rec = runs.get(f"{method}/seed{seed}")
             assert rec is not None, f"{method}/seed{seed} missing: run python -m reprod.toy_sweep"
             assert rec["toyworld_version"] == tw.TOYWORLD_VERSION
-            assert rec["train_config"] == runs["frozen/seed0"]["train_config"] | {"seed": seed}
+            # the same budget for every method, up to its own recipe (e.g. CAT-Seg's clipping)
+            assert rec["train_config"] == (runs["frozen/seed0"]["train_config"] | spec.train
+                                           | {"seed": seed})
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=[p.name for p in COMMITTED])
