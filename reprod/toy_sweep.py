@@ -6,11 +6,12 @@
 
 Each run follows the toy benchmark protocol (``lessons.toyworld.TOY_BENCHMARK``): train on
 ``synthetic`` with the same budget for every method (``lessons.train``; the recipes' random flip and
-photometric distortion, ``lessons.augment``), select the checkpoint by
-mIoU on the ``validation`` style, then score the source test split and every target domain (mIoU,
-and every class's IoU, None where a class is absent). A method may add its recipe's own training
-knobs (``Method.train``, e.g. CAT-Seg's gradient clipping at 0.01). The scores are measured on the checkpoint as written (fp16 tensors loaded back), so a notebook that
-loads it and evaluates the same scenes gets the same numbers.
+photometric distortion, ``lessons.augment``), select the checkpoint by mIoU on the ``validation``
+style, then score the source test split and every target domain (mIoU, and every class's IoU, None
+where a class is absent). A method may add its recipe's own training knobs (``Method.train``, e.g.
+CAT-Seg's gradient clipping at 0.01). The scores are measured on the checkpoint as written (fp16
+tensors loaded back), so a notebook that loads it and evaluates the same scenes gets the same
+numbers.
 
 Resumable by run: results are written after each (method, seed) run (atomically) and a run with a
 result for the same protocol and configuration is skipped; ``--force`` reruns. Checkpoints
