@@ -43,7 +43,7 @@ H W label size, N tokens in a window, S class tokens after padding (256), n sequ
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -114,9 +114,6 @@ class CATSegConfig:
             raise ValueError(f"unknown CATSegConfig key(s) {unknown}; known: {sorted(known)}")
         tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**tuples)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 CATSEG_B = CATSegConfig()                                               # ViT-B/16 at 384
