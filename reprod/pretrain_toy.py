@@ -3,6 +3,8 @@
     python -m reprod.pretrain_toy vfm --until-done           # train (or resume) the toy VFM
     python -m reprod.pretrain_toy vfm --export --card        # fp16 safetensors + model card
     python -m reprod.pretrain_toy vlm --until-done           # the toy CLIP (reprod.pretrain_vlm)
+    python -m reprod.pretrain_toy diffusion --until-done     # QueryDiff's toy DDPM
+                                                             # (reprod.pretrain_diffusion)
 
 **Toy VFM** (``toy_vfm`` bundle: timm ViT, patch 8 at 64x128, d192 x 6, 4 registers), trained
 self-supervised with **no segmentation labels**. Every step draws scene pairs:
@@ -62,7 +64,7 @@ from lessons import toyworld as tw
 from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder, get_bundle
 from reprod.resumable import ResumableRun, card_facts, hardware, write_card_files
 
-RUN_DIR = Path("runs/pretrain_toy")             # + /vfm or /vlm
+RUN_DIR = Path("runs/pretrain_toy")             # + /vfm, /vlm or /diffusion
 
 
 @dataclass
@@ -538,7 +540,7 @@ def write_card(run: VFMRun, gate: dict | None, weights: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=["vfm", "vlm"])
+    ap.add_argument("model", choices=["vfm", "vlm", "diffusion"])
     ap.add_argument("--run-dir", type=Path, default=None,
                     help="where the run state lives (default: runs/pretrain_toy/<model>)")
     ap.add_argument("--chunk-minutes", type=float, default=9.0)
@@ -562,11 +564,14 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
         run: ResumableRun = VFMRun(cfg, run_dir)
-    else:
+    elif args.model == "vlm":
         from reprod.pretrain_vlm import VLMConfig, VLMRun
 
-        cfg = VLMConfig()
-        run = VLMRun(cfg, run_dir)
+        run = VLMRun(VLMConfig(), run_dir)
+    else:
+        from reprod.pretrain_diffusion import DiffusionConfig, DiffusionRun
+
+        run = DiffusionRun(DiffusionConfig(), run_dir)
     if args.steps is not None:
         run.cfg.steps = args.steps
     resumed = run.load()
@@ -588,8 +593,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure_and_card(run: ResumableRun, weights: Path) -> Path:
-    """Measure exported weights (the gate for the VFM, retrieval and zero-shot for the VLM) and
-    write the card beside them."""
+    """Measure exported weights (the gate for the VFM, retrieval and zero-shot for the VLM, the
+    layout probe for the diffusion teacher) and write the card beside them."""
+    if run.name == "diffusion":
+        from reprod import pretrain_diffusion
+
+        return pretrain_diffusion.write_card(run, pretrain_diffusion.layout_probe(weights),
+                                             weights)
     if isinstance(run, VFMRun):
         from reprod.toy_gate import check_gate, gate_results
 

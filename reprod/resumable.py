@@ -108,7 +108,7 @@ class ResumableRun:
         """Restore the saved state if there is one (False if not); refuse another config."""
         if not self.ckpt.exists():
             return False
-        state = torch.load(self.ckpt, weights_only=True)
+        state = torch.load(self.ckpt, weights_only=True, map_location="cpu")   # GPU runs too
         if state["cfg"] != asdict(self.cfg):
             diff = {k: (state["cfg"].get(k), v) for k, v in asdict(self.cfg).items()
                     if state["cfg"].get(k) != v}
