@@ -73,6 +73,7 @@ _SEG = "lessons.segmentor:build_toy_segmentor"
 _TQDM = "lessons.mask2former:build_toy_tqdm"
 _REIN_M2F = "lessons.mask2former:build_toy_rein_mask2former"
 _CATSEG = "lessons.catseg:build_toy_catseg"
+_QUERYDIFF = "lessons.querydiff:build_toy_querydiff"
 METHODS: dict[str, Method] = {
     "frozen": Method("02_rein", _SEG, {"method": "frozen"}, label="frozen + head"),
     "full": Method("02_rein", _SEG, {"method": "full"}, label="full fine-tune"),
@@ -100,6 +101,17 @@ METHODS: dict[str, Method] = {
                      label="CAT-Seg (toy VLM, bus unseen)"),
     "catseg_all": Method("04_catseg", _CATSEG, {"held_out": []}, train={"grad_clip": 0.01},
                          label="CAT-Seg, bus trained", seeds=(0,)),
+    # notebook 05: QueryDiff on notebook 03's Rein + Mask2Former, with and without the toy
+    # diffusion teacher's guidance; the open choices (Huber target, alpha) at seed 0
+    "querydiff": Method("05_querydiff", _QUERYDIFF, label="QueryDiff (diffusion-guided)"),
+    "querydiff_no_dcl": Method("05_querydiff", _QUERYDIFF, {"alpha": 0.0},
+                               label="agent queries + refinement, no guidance",
+                               keep_checkpoint=False),
+    "querydiff_weak": Method("05_querydiff", _QUERYDIFF, {"huber_target": "weak"},
+                             label="QueryDiff, Huber on weak features (code)", seeds=(0,),
+                             keep_checkpoint=False),
+    "querydiff_alpha10": Method("05_querydiff", _QUERYDIFF, {"alpha": 10.0},
+                                label="QueryDiff, alpha 10", seeds=(0,), keep_checkpoint=False),
 }
 
 
