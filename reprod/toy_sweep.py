@@ -74,6 +74,7 @@ _TQDM = "lessons.mask2former:build_toy_tqdm"
 _REIN_M2F = "lessons.mask2former:build_toy_rein_mask2former"
 _CATSEG = "lessons.catseg:build_toy_catseg"
 _QUERYDIFF = "lessons.querydiff:build_toy_querydiff"
+_MFUSER = "lessons.mfuser:build_toy_mfuser"
 METHODS: dict[str, Method] = {
     "frozen": Method("02_rein", _SEG, {"method": "frozen"}, label="frozen + head"),
     "full": Method("02_rein", _SEG, {"method": "full"}, label="full fine-tune"),
@@ -112,6 +113,23 @@ METHODS: dict[str, Method] = {
                              keep_checkpoint=False),
     "querydiff_alpha10": Method("05_querydiff", _QUERYDIFF, {"alpha": 10.0},
                                 label="QueryDiff, alpha 10", seeds=(0,), keep_checkpoint=False),
+    # notebook 07: MFuser on the frozen toy VFM + toy VLM, and the fusions its Tables 3, 4 and 6
+    # compare (seed 0); Rein (VFM only) and tqdm (VLM only) are notebook 03's runs
+    "mfuser": Method("07_mfuser", _MFUSER, label="MFuser (MVFuser + MTEnhancer)"),
+    "mfuser_self_attention": Method("07_mfuser", _MFUSER, {"fusion": "self_attention"},
+                                    label="self-attention over [VFM; VLM]", seeds=(0,),
+                                    keep_checkpoint=False),
+    "mfuser_cross_attention": Method("07_mfuser", _MFUSER, {"fusion": "cross_attention"},
+                                     label="Rein-style cross-attention", seeds=(0,),
+                                     keep_checkpoint=False),
+    "mfuser_separate": Method("07_mfuser", _MFUSER, {"fusion": "separate_mvfusers"},
+                              label="separate MVFusers", seeds=(0,), keep_checkpoint=False),
+    "mfuser_concat": Method("07_mfuser", _MFUSER, {"fusion": "none"},
+                            label="no fuser (frozen concatenation)", seeds=(0,),
+                            keep_checkpoint=False),
+    "mfuser_no_enhancer": Method("07_mfuser", _MFUSER, {"enhancer": "none"},
+                                 label="MFuser without MTEnhancer", seeds=(0,),
+                                 keep_checkpoint=False),
 }
 
 
