@@ -412,3 +412,48 @@ def test_converter_names_match_the_notes_key_list_at_full_size():
         assert tuple(ours[name].shape) == shape, key
     assert mf.official_to_ours("backbone.dinov2.blocks.0.attn.qkv.weight") is None
     assert mf.official_to_ours("random_text") is None
+
+
+# -- GPU: the fused kernel inside the MVFuser, the toy model on CUDA ---------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_mvfuser_kernel_agrees_with_the_pure_pytorch_scan():
+    """At MFuser's full shape (d_model 1024, L = 2 x 1025 tokens): mamba_ssm's kernel (as the
+    official code calls it) vs the chunked scan, forward and gradients."""
+    from lessons import ssm
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not ssm.mamba_ssm_available():
+        pytest.skip("needs mamba_ssm: python -m reprod.install_mamba_ssm")
+    torch.manual_seed(0)
+    m = mf.MVFuser(1024).cuda().eval()
+    h = torch.randn(2, 2050, 1024, device="cuda")
+    outs, grads = {}, {}
+    for impl in ("cuda", "fast"):
+        m.scan_impl = impl
+        m.zero_grad()
+        out = m(h)
+        out.square().sum().backward()
+        outs[impl] = out.detach().double()
+        grads[impl] = {k: p.grad.double() for k, p in m.named_parameters()}
+    rel = (outs["fast"] - outs["cuda"]).norm() / outs["cuda"].norm()
+    assert rel < 1e-3, rel
+    for k, g in grads["cuda"].items():
+        assert (grads["fast"][k] - g).norm() / g.norm().clamp(min=1e-12) < 1e-2, k
+
+
+@pytest.mark.gpu
+def test_gpu_toy_mfuser_trains_and_predicts_like_the_cpu(batch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    images, labels = batch
+    torch.manual_seed(0)
+    cpu = mf.build_toy_mfuser(pretrained=False).eval()
+    gpu = mf.build_toy_mfuser(pretrained=False).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    losses = gpu.train().loss(images.cuda(), labels.cuda())
+    sum(losses.values()).backward()
+    assert gpu.encoder.fusers[0].mixer.in_proj.weight.grad is not None
+    gpu.eval()
+    assert torch.allclose(gpu.predict(images.cuda()).cpu(), cpu.predict(images), atol=1e-3)
