@@ -549,12 +549,10 @@ def build_mfuser(variant: str = "eva", vfm_weights: str | Path | None = None,
             if enc.patch_size != p:
                 enc.set_patch_size(p, how)
             enc.set_pos_grid(grid, how)
-    device = torch.device("meta") if meta else None
-    with torch.device(device) if meta else contextlib.nullcontext():
+    with torch.device("meta") if meta else contextlib.nullcontext():
         fused = FusedEncoder(vfm, vlm, fusion, scan_impl=scan_impl)
         E = vlm.bundle.embed_dim
-        cfg = MFUSER_M2F if MFUSER_M2F.text_dim == E else _replace_text_dim(MFUSER_M2F, E)
-        head = Mask2FormerHead(cfg)
+        head = Mask2FormerHead(replace(MFUSER_M2F, text_dim=E))      # 768, SigLIP 1024
         ctx = build_context_decoder(E, 256, 4, 1, enhancer)
         neck = SimpleFPN(fused.out_channels, 16)     # strides 4..32 of the grid (x4, x2, x1, /2)
     prompts = PromptLearner(vlm.model, CLASSES, n_ctx=var["n_ctx"], tokenizer=tokenizer)
@@ -564,10 +562,6 @@ def build_mfuser(variant: str = "eva", vfm_weights: str | Path | None = None,
     criterion = MaskClassificationLoss(matcher="identity")
     return MFuserSegmentor(fused, neck, head, criterion, prompts=prompts, context_decoder=ctx,
                            logit_scale=scale, logit_bias=bias)
-
-
-def _replace_text_dim(cfg, text_dim: int):
-    return replace(cfg, text_dim=text_dim)
 
 
 def build_toy_mfuser(fusion: str = "mvfuser", enhancer: str = "mtenhancer",

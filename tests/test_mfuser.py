@@ -1,5 +1,7 @@
 """MFuser: MVFuser, the fused dual encoder, MTEnhancer, the segmentor, counts, the converter."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -278,7 +280,7 @@ def test_siglip_parts_on_meta():
     with torch.device("meta"):
         enc = mf.FusedEncoder(vfm, vlm)
         ctx = mf.build_context_decoder(1024)
-        head = mf.Mask2FormerHead(mf._replace_text_dim(mf.MFUSER_M2F, 1024))
+        head = mf.Mask2FormerHead(replace(mf.MFUSER_M2F, text_dim=1024))
         fpn = mf.SimpleFPN(2048)
     assert enc.proj1 is None
     ours = (_count(enc.fusers) + _count(fpn) + _count(ctx) + _count(head) + 5 * 1024)
