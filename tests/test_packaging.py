@@ -67,7 +67,8 @@ def test_wheel_lists_the_package_data(wheel):
     for expected in ("lessons/weights/README.md", "reprod/paper_results.yaml",
                      "lessons/weights/checkpoints/toy_sweep.json",
                      "lessons/weights/checkpoints/02_rein/rein_seed0.safetensors",
-                     "lessons/toyworld.py", "reprod/notebooks.py"):
+                     "lessons/toyworld.py", "reprod/notebooks.py",
+                     "reprod/configs/rein_dinov2_gtav.yaml", "reprod/configs/_gtav_rein.yaml"):
         assert expected in names, expected
 
 
