@@ -216,16 +216,18 @@ def bench_fusion(lengths: Sequence[int], dim: int = 1024, heads: int = 16, batch
     return rows
 
 
-def _print_steps(rows: list[dict]) -> None:
+def _print_step_header() -> None:
     print("| config | hardware | precision | batch x crop | trainable | step (s) | it/s | "
           "images/s | peak memory (GB) | GFLOP/step | TFLOP/s | schedule (h) |")
-    print("|" + "---|" * 12)
-    for r in rows:
-        print(f"| {r['config']} | {r['hardware']} | {r['precision']} | {r['batch']} x "
+    print("|" + "---|" * 12, flush=True)
+
+
+def _print_step(r: dict) -> None:
+    print(f"| {r['config']} | {r['hardware']} | {r['precision']} | {r['batch']} x "
               f"{r['crop']}² | {r['trainable']:,} | {r['step_s']:.3f} | {r['it_per_s']:.2f} | "
               f"{r['images_per_s']:.1f} | {r['peak_memory_gb']:.1f} | "
               f"{r['gflops_per_step']:.0f} | {r['tflops_per_s']:.2f} | "
-              f"{r['schedule_hours']:.2f} for {r['schedule_steps']} |")
+              f"{r['schedule_hours']:.2f} for {r['schedule_steps']} |", flush=True)
 
 
 def _print_fusion(rows: list[dict], hw: str) -> None:
@@ -270,10 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "step":
-            rows = [bench_step(c, args.steps, args.warmup, args.batch, args.size,
-                               args.precision, args.device, args.override)
-                    for c in args.configs]
-            _print_steps(rows)
+            _print_step_header()
+            rows = []
+            for c in args.configs:           # one at a time: a real-scale row takes a while
+                rows.append(bench_step(c, args.steps, args.warmup, args.batch, args.size,
+                                       args.precision, args.device, args.override))
+                _print_step(rows[-1])
         else:
             rows = bench_fusion(args.lengths, args.dim, args.heads, args.batch, args.repeats,
                                 args.device, args.precision)

@@ -158,3 +158,24 @@ def test_missing_weights_say_which_key_and_where_to_get_them(tmp_path, monkeypat
     exp = load_experiment("querydiff_dinov2_gtav")
     with pytest.raises(FileNotFoundError, match="stable-diffusion-2-1"):
         build_model(exp)
+
+
+@pytest.mark.parametrize("name, stats", [
+    ("rein_dinov2_gtav", {"dinov2_vitl14": "imagenet"}),
+    ("rein_eva02_gtav", {"eva02_l14_mim": "clip"}),
+    ("tqdm_eva02_gtav", {"eva02_clip_l14_336": "clip"}),
+    ("mfuser_eva_gtav", {"dinov2_vitl14": "imagenet", "eva02_clip_l14_336": "clip"}),
+    ("mfuser_siglip_gtav", {"dinov2_vitl14": "imagenet", "siglip_vitl16_384": "siglip"}),
+    ("catseg_clipl_gtav", {"clip_vitl14_336": "clip"}),
+])
+def test_each_encoder_normalises_with_its_recipe_statistics(name, stats):
+    """Per-backbone normalisation lives in the encoders (mfuser.md section 1 step 8: DINOv2
+    ImageNet, CLIP / EVA02 CLIP's, SigLIP 0.5; Rein's DINOv2 config: ImageNet)."""
+    from lessons.backbones import CLIP_MEAN, IMAGENET_MEAN, SIGLIP_MEAN
+
+    means = {"imagenet": IMAGENET_MEAN, "clip": CLIP_MEAN, "siglip": SIGLIP_MEAN}
+    _, model = _meta_model(name)
+    enc = model.encoder
+    encoders = [enc.vfm, enc.vlm] if hasattr(enc, "vfm") else [enc]
+    assert {e.bundle.name: e.bundle.mean for e in encoders} == {
+        k: means[v] for k, v in stats.items()}

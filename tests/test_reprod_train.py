@@ -105,6 +105,14 @@ def test_run_files_tensorboard_and_evaluation(in_toy):
     assert report["subset"] and "Subset" in (run / "eval/step_4/results.md").read_text()
 
 
+def test_bf16_autocast_trains(in_toy):
+    out = rt.train(_exp("toy_rein", "train.precision=bf16", "train.steps=2"),
+                   in_toy / "runs/bf16", progress=False, evaluate=False)
+    assert out["end_step"] == 2 and torch.isfinite(torch.tensor(out["last"]["loss"]))
+    weights = load_file(out["final"])
+    assert all(v.dtype == torch.float32 for v in weights.values())    # fp32 master weights
+
+
 def test_non_finite_loss_stops_with_a_clear_message(in_toy, monkeypatch):
     def nan_loss(model, images, labels):
         return {"loss_ce": (images.sum() * float("nan")).requires_grad_()}
