@@ -73,14 +73,14 @@ def random_model(exp: Experiment, device: torch.device) -> nn.Module:
     args = {k: (None if k in WEIGHT_ARGS and k != "tokenizer" else v)
             for k, v in exp.model.args.items()}
     if exp.model.args.get("variant") == "siglip":
-        args["tokenizer"] = _stand_in_tokenizer
+        args["tokenizer"] = stand_in_tokenizer
     model = build_model(replace(exp, model=replace(exp.model, args=args)), check=False)
     if exp.model.builder == "querydiff" and args.get("alpha", 1.0):
         model.__dict__["_teacher"] = random_sd_teacher()
     return model.to(device)
 
 
-def _stand_in_tokenizer(texts, context_length=64):
+def stand_in_tokenizer(texts, context_length=64):
     """SigLIP's vocabulary size with CLIP's BPE: shapes and cost, not meaning."""
     from lessons.text import default_tokenizer
 

@@ -126,7 +126,8 @@ def tqdm(backbone: str = "eva02_clip_l14_336", weights: str | Path | None = None
                    encode_text(enc.model, [TQDM_REGULARIZER_TEMPLATE.format(c) for c in CLASSES]))
     with _meta(meta):
         head = Mask2FormerHead(replace(TQDM_M2F, in_channels=(enc.width,) * 4, text_dim=E))
-        ctx = ContextDecoder(E, width=256, heads=4, num_layers=context_layers)
+        ctx = (ContextDecoder(E, width=256, heads=4, num_layers=context_layers)
+               if context_layers else None)      # 0: the paper's figure, no context decoder
         neck = SimpleFPN(enc.width, 16)        # x4, x2, x1, /2 of the 36 x 36 grid
     weight = 1.0 if regularizers else 0.0
     return MaskFormerSegmentor(
