@@ -3,6 +3,7 @@
 #   make lessons    set up, then execute every lesson headless into build/notebooks/
 #   make test       set up, then run every test (unit tests + nbval over all notebooks)
 #   make notebooks  re-execute every notebook in place: the canonical way to refresh outputs
+#   make students   regenerate the student copies (notebooks/students/) from the solutions
 #   make bench      benchmarks: ToyWorld rendering, the selective scan against mambapy
 # Needs only Python >= 3.10 with venv. TORCH pins the PyTorch wheels (PyPI; no other index).
 
@@ -12,7 +13,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dgss-installed
 
-.PHONY: setup lab lessons test test-fast notebooks bench check-env lint hooks clean
+.PHONY: setup lab lessons test test-fast notebooks students bench check-env lint hooks clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,9 @@ test-fast: setup
 
 notebooks: setup
 	$(PY) -m reprod.notebooks --in-place
+
+students: setup
+	$(PY) -m reprod.student_copies
 
 bench: setup
 	$(PY) -m reprod.bench_toyworld

@@ -43,6 +43,7 @@ from lessons.checkpoints import (
     build_model,
     load_lesson_checkpoint,
     save_lesson_checkpoint,
+    trainable_state_dict,
 )
 from lessons.train import TrainConfig, evaluate, train
 from lessons.utils import count_parameters, lessons_digest, module_closure, seed_everything
@@ -76,6 +77,11 @@ _CATSEG = "lessons.catseg:build_toy_catseg"
 _QUERYDIFF = "lessons.querydiff:build_toy_querydiff"
 _MFUSER = "lessons.mfuser:build_toy_mfuser"
 METHODS: dict[str, Method] = {
+    # notebook 08's references: no foundation model at all, with the same budget and augmentation
+    "scratch": Method("00_dgss_problem", "lessons.baselines:TinySegNet", label="scratch TinySegNet",
+                      keep_checkpoint=False),
+    "scratch_vit": Method("08_toy_benchmark", _SEG, {"method": "full", "pretrained": False},
+                          label="toy ViT from scratch (no pretraining)", keep_checkpoint=False),
     "frozen": Method("02_rein", _SEG, {"method": "frozen"}, label="frozen + head"),
     "full": Method("02_rein", _SEG, {"method": "full"}, label="full fine-tune"),
     "rein": Method("02_rein", _SEG, {"method": "rein"}, label="Rein"),
@@ -175,7 +181,9 @@ def run_one(method: str, seed: int, steps: int | None = None, test_length: int =
             "augment": spec.augment, "hardware": hardware(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint or Path(tmp) / f"{method}_seed{seed}.safetensors"
-        save_lesson_checkpoint(path, model.trainable_state_dict(), meta)
+        state = (model.trainable_state_dict() if hasattr(model, "trainable_state_dict")
+                 else trainable_state_dict(model))         # a plain nn.Module: the scratch nets
+        save_lesson_checkpoint(path, state, meta)
         scored, _ = load_lesson_checkpoint(path)      # score what was written (fp16)
     miou, class_iou = {}, {}
     for domain, dataset in sets.items():
