@@ -91,22 +91,29 @@ def kernel_env() -> dict[str, str]:
     return env
 
 
-def execute(path: Path, out: Path, timeout: int = 900) -> float:
-    """Execute ``path`` in a fresh kernel (cwd = its folder), write to ``out``; seconds taken."""
+def run_in_kernel(nb: nbformat.NotebookNode, folder: Path, timeout: int = 900,
+                  env: dict[str, str] | None = None) -> float:
+    """Execute ``nb`` in place in a fresh kernel (cwd ``folder``) with ``env`` (default
+    :func:`kernel_env`); seconds taken."""
     from nbclient import NotebookClient
 
-    nb = nbformat.read(path, as_version=4)
-    saved, env = dict(os.environ), kernel_env()
+    saved = dict(os.environ)
     os.environ.clear()
-    os.environ.update(env)                # the kernel inherits this process's environment
+    os.environ.update(env or kernel_env())   # the kernel inherits this process's environment
     start = time.perf_counter()
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+                       resources={"metadata": {"path": str(folder)}}).execute()
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def execute(path: Path, out: Path, timeout: int = 900) -> float:
+    """Execute ``path`` in a fresh kernel (cwd = its folder), write to ``out``; seconds taken."""
+    nb = nbformat.read(path, as_version=4)
+    seconds = run_in_kernel(nb, path.parent, timeout)
     nb.metadata[META_KEY] = expected_metadata(nb)
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)

@@ -27,18 +27,16 @@ setup in a fresh kernel instead.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 
-from reprod.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env
+from reprod.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env, run_in_kernel
 
 SOLUTIONS_DIR = NOTEBOOK_DIR / "solutions"
 STUDENTS_DIR = NOTEBOOK_DIR / "students"
@@ -299,24 +297,12 @@ def execute_until_todo(path: Path, threads: int | None = None, timeout: int = 60
     seed, 2 threads as ``make notebooks`` uses); ``threads`` overrides the thread count (the
     tests pass the test session's). Raises ``nbclient`` 's ``CellExecutionError`` on an error.
     """
-    from nbclient import NotebookClient
-
     nb = nbformat.read(path, as_version=4)
     nb.cells = nb.cells[:todo_cell_index(nb)]
     env = kernel_env()
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)                # the kernel inherits this process's environment
-    start = time.perf_counter()
-    try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return time.perf_counter() - start
+    return run_in_kernel(nb, path.parent, timeout, env)
 
 
 def main(argv: list[str] | None = None) -> int:
