@@ -72,14 +72,16 @@ def _meta(meta: bool):
 
 def rein_mask2former(backbone: str = "dinov2_vitl14", weights: str | Path | None = None,
                      image_size: int = 512, patch_size: int = 16, token_length: int = 100,
-                     lora_rank: int | None = 16, meta: bool = False) -> MaskFormerSegmentor:
+                     lora_rank: int | None = 16, zero_init: bool = False, meta: bool = False
+                     ) -> MaskFormerSegmentor:
     """Rein + Mask2Former (``rein_dinov2_mask2former_512x512_bs1x4.py``): 2,990,081 Rein
-    parameters and a 20,579,796-parameter head on the frozen encoder."""
+    parameters and a 20,579,796-parameter head on the frozen encoder. ``zero_init``: the
+    paper's initialisation (W_f and biases zero, no scale) instead of the code's."""
     enc = encoder_at(backbone, weights, image_size, patch_size, meta)
     with _meta(meta):
         reins = Reins(**{**VIT_L, "num_layers": enc.depth, "embed_dim": enc.width,
                          "token_length": token_length, "lora_rank": lora_rank},
-                      link_to_queries=True, patch_size=enc.patch_size)
+                      link_to_queries=True, zero_init=zero_init, patch_size=enc.patch_size)
         head = Mask2FormerHead(replace(REIN_M2F, in_channels=(enc.width,) * 4,
                                        num_queries=token_length))
     return MaskFormerSegmentor(enc, RescaleNeck(enc.patch_size), head,
@@ -139,11 +141,13 @@ def tqdm(backbone: str = "eva02_clip_l14_336", weights: str | Path | None = None
 def querydiff(backbone: str = "dinov2_vitl14", weights: str | Path | None = None,
               sd_weights: str | Path | None = None, image_size: int = 512, patch_size: int = 16,
               num_queries: int = 100, lora_rank: int | None = 16, alpha: float = 1.0,
-              huber_target: str = "strong", meta: bool = False) -> nn.Module:
+              huber_target: str = "strong", queries_from: str = "rein", zero_init: bool = False,
+              meta: bool = False) -> nn.Module:
     """QueryDiff (paper §4-5): Rein + Mask2Former with r = 100 agent queries pooled from the
     encoder's ``out_indices`` maps, refinement of the pixel-decoder maps and, for ``alpha > 0``,
     the consistency loss against Stable Diffusion 2.1's U-Net features at t = 0 and 100 (a
-    frozen teacher built from the local ``sd_weights`` directory on first use)."""
+    frozen teacher built from the local ``sd_weights`` directory on first use). ``huber_target``,
+    ``queries_from`` and ``zero_init`` reach the open choices of :mod:`lessons.querydiff`."""
     from lessons.querydiff import (
         SD21_UNET,
         SD_FEATURE_LAYERS,
@@ -159,7 +163,7 @@ def querydiff(backbone: str = "dinov2_vitl14", weights: str | Path | None = None
     with _meta(meta):
         reins = Reins(**{**VIT_L, "num_layers": enc.depth, "embed_dim": enc.width,
                          "token_length": num_queries, "lora_rank": lora_rank},
-                      link_to_queries=True, patch_size=enc.patch_size)
+                      link_to_queries=True, zero_init=zero_init, patch_size=enc.patch_size)
         agents = AgentQueryGenerator(enc.width, len(enc.bundle.out_indices), num_queries)
         refinement = AgentRefinement(cfg.hidden_dim, cfg.num_heads, gn_groups=cfg.gn_groups)
         head = Mask2FormerHead(cfg)
@@ -174,19 +178,21 @@ def querydiff(backbone: str = "dinov2_vitl14", weights: str | Path | None = None
     return QueryDiffSegmentor(enc, RescaleNeck(enc.patch_size), head,
                               MaskClassificationLoss(matcher="hungarian"), reins=reins,
                               agents=agents, refinement=refinement, dcl=dcl, teacher=teacher,
-                              alpha=alpha)
+                              alpha=alpha, queries_from=queries_from)
 
 
 def catseg(backbone: str = "clip_vitl14_336", weights: str | Path | None = None,
-           finetune: str = "attention", clip_lr_mult: float = 0.01, meta: bool = False
-           ) -> nn.Module:
+           finetune: str = "attention", clip_lr_mult: float = 0.01,
+           official_ignore: bool = False, meta: bool = False) -> nn.Module:
     """CAT-Seg's cost aggregation as a DGSS model (ours): CLIP ViT-L/14-336 with q/v fine-tuned
-    at ``clip_lr_mult`` x lr and the published L aggregator, trained on the 19 GTAV classes."""
+    at ``clip_lr_mult`` x lr and the published L aggregator, trained on the 19 GTAV classes.
+    ``official_ignore``: the code's loss over ignored pixels too (``lessons.catseg``)."""
     from lessons.catseg import CATSEG_L, CATSeg
 
     enc = build_encoder(backbone, weights, meta=meta)
     with _meta(meta):
-        return CATSeg(enc, CATSEG_L, finetune=finetune, clip_lr_mult=clip_lr_mult)
+        return CATSeg(enc, CATSEG_L, finetune=finetune, clip_lr_mult=clip_lr_mult,
+                      official_ignore=official_ignore)
 
 
 def mfuser(variant: str = "eva", vfm_weights: str | Path | None = None,

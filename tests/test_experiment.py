@@ -180,3 +180,17 @@ def test_each_encoder_normalises_with_its_recipe_statistics(name, stats):
     encoders = [enc.vfm, enc.vlm] if hasattr(enc, "vfm") else [enc]
     assert {e.bundle.name: e.bundle.mean for e in encoders} == {
         k: means[v] for k, v in stats.items()}
+
+
+def test_paper_forms_reach_the_configs_by_override():
+    """The paper-form flags of lessons reach the real-scale configs as model.args overrides."""
+    exp = load_experiment("rein_dinov2_gtav", ["model.args.zero_init=true"])
+    model = build_model(exp, meta=True)
+    assert not hasattr(model.reins, "scale") or model.reins.scale is None   # the paper: no scale
+    assert trainable_parameters(model) == exp.expected.trainable - 1
+    qd = build_model(load_experiment("querydiff_dinov2_gtav", ["model.args.queries_from=agents"]),
+                     meta=True)
+    assert qd.queries_from == "agents"
+    cs = build_model(load_experiment("catseg_clipl_gtav", ["model.args.official_ignore=true"]),
+                     meta=True)
+    assert cs.official_ignore
