@@ -43,7 +43,7 @@ from torch import nn
 
 from lessons.classes import NUM_CLASSES
 from reprod.experiment import Experiment, build_model, load_experiment
-from reprod.models import WEIGHT_ARGS, trainable_parameters
+from reprod.models import trainable_parameters
 
 
 def hardware(device: torch.device) -> str:
@@ -67,15 +67,14 @@ def synthetic_batch(batch: int, size: int, device: torch.device, seed: int = 0
 
 
 def random_model(exp: Experiment, device: torch.device) -> nn.Module:
-    """The config's model with random weights (every weight file argument set to None)."""
+    """The config's model with random weights (no weight file read)."""
     from dataclasses import replace
 
-    args = {k: (None if k in WEIGHT_ARGS and k != "tokenizer" else v)
-            for k, v in exp.model.args.items()}
     if exp.model.args.get("variant") == "siglip":
-        args["tokenizer"] = stand_in_tokenizer
-    model = build_model(replace(exp, model=replace(exp.model, args=args)), check=False)
-    if exp.model.builder == "querydiff" and args.get("alpha", 1.0):
+        exp = replace(exp, model=replace(exp.model, args={**exp.model.args,
+                                                          "tokenizer": stand_in_tokenizer}))
+    model = build_model(exp, random_weights=True)
+    if exp.model.builder == "querydiff" and exp.model.args.get("alpha", 1.0):
         model.__dict__["_teacher"] = random_sd_teacher()
     return model.to(device)
 

@@ -328,12 +328,14 @@ def _weights_hint(exp: Experiment, key: str) -> str:
     return get_bundle(name).source if name else "see the builder's docstring"
 
 
-def build_model(exp: Experiment, meta: bool = False, check: bool = True):
-    """The experiment's model (``meta``: shapes only, no weights read)."""
+def build_model(exp: Experiment, meta: bool = False, check: bool = True,
+                random_weights: bool = False):
+    """The experiment's model. ``meta``: shapes only; ``meta`` or ``random_weights``: no weight
+    file is read (every weight argument but the tokenizer set to None)."""
     from reprod.models import BUILDERS, WEIGHT_ARGS
 
     args = dict(exp.model.args)
-    if meta:
+    if meta or random_weights:
         args = {k: (None if k in WEIGHT_ARGS and k != "tokenizer" else v)
                 for k, v in args.items()}
     elif check:
