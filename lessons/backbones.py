@@ -16,7 +16,13 @@ that maintain them:
 A :class:`Bundle` records what a model needs around it (normalisation, patch size, pretraining
 size, widths, out_indices, where its weights come from). Weights load only from local files,
 through the libraries' own loaders (timm ``pretrained_cfg_overlay=dict(file=...)``, open_clip
-``pretrained=<path>``); a missing or mismatched file is a clear error. Other input sizes work:
+``load_checkpoint`` on the built model: a local path is always read as a path, never looked up
+as a pretrained tag such as ``openai``, so nothing is ever downloaded); a missing or mismatched
+file is a clear error. Nothing a weights file holds is run: safetensors, ``torch.load`` with
+``weights_only=True``, and OpenAI's released CLIP ``.pt`` files (TorchScript archives, which
+``weights_only`` refuses) read by :func:`read_torchscript_state_dict`, which unpickles only their
+tensors and never compiles their code. ``python -m lessons.backbones convert-openai IN.pt
+OUT.safetensors`` writes such a file's tensors once as safetensors. Other input sizes work:
 absolute position embeddings are resampled to the token grid (timm's ``resample_abs_pos_embed``),
 EVA02's RoPE is rebuilt for the grid, and :meth:`Encoder.set_patch_size` resamples the patch kernel
 (14 -> 16, as Rein and MFuser's CLIP/SigLIP variants do).
@@ -36,8 +42,15 @@ P prefix tokens (CLS, registers), h w token grid, H W image size.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
+import logging
 import math
+import pickle
+import re
+import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -212,11 +225,13 @@ def create_model(bundle: str | Bundle, weights: str | Path | None = None,
         if meta:
             with torch.device("meta"):
                 return cls(**cfg)
-        if not b.kwargs:                      # a model in open_clip's registry
-            return open_clip.create_model(b.arch, pretrained=str(path) if path else None)
-        model = cls(**cfg)                    # a config of our own (the toy VLM)
+        if b.kwargs:
+            model = cls(**cfg)                # a config of our own (the toy VLM)
+        else:                                 # open_clip's registry; weights never by tag name
+            with _quiet_logging(path is not None):
+                model = open_clip.create_model(b.arch)
         if path is not None:
-            open_clip.load_checkpoint(model, str(path))
+            load_open_clip_weights(model, path)
         return model
     except Exception as e:   # torch, safetensors and pickle each raise their own kind
         if path is None:
@@ -225,11 +240,190 @@ def create_model(bundle: str | Bundle, weights: str | Path | None = None,
                          f"not a readable checkpoint: {type(e).__name__}: {e}") from e
 
 
+@contextlib.contextmanager
+def _quiet_logging(quiet: bool):
+    """Silence open_clip's "no pretrained weights loaded" warning when we load them next."""
+    if quiet:
+        logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        if quiet:
+            logging.disable(logging.NOTSET)
+
+
+def load_open_clip_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into an open_clip model, always as a path (never as a
+    pretrained tag) and never running code: safetensors, a weights-only ``torch.save`` file
+    (open_clip's own loader), or an OpenAI TorchScript archive read by
+    :func:`read_torchscript_state_dict`."""
+    path = Path(path)
+    if not is_torchscript_archive(path):
+        open_clip.load_checkpoint(model, str(path))
+        return
+    state = openai_state_dict(read_torchscript_state_dict(path))
+    unsaved = {k for k, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in state.items() if k not in unsaved}      # e.g. attn_mask
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = open_clip.model.convert_to_custom_text_state_dict(state)
+    open_clip.model.resize_pos_embed(state, model)
+    open_clip.model.resize_text_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
+
+
 def build_encoder(bundle: str | Bundle, weights: str | Path | None = None,
                   meta: bool = False) -> Encoder:
     """An :class:`Encoder` over the bundle's vision tower (see :func:`create_model`)."""
     b = get_bundle(bundle)
     return Encoder(b, create_model(b, weights, meta))
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI's released CLIP files are TorchScript archives: read their tensors without running them
+# ----------------------------------------------------------------------------------------------
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "DoubleStorage": torch.float64,
+                   "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8,
+                   "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """A zip holding ``<archive>/constants.pkl`` and ``<archive>/code/``: TorchScript's layout."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in names) and any(
+        n.count("/") > 1 and n.split("/")[1] == "code" for n in names)
+
+
+class _ScriptObject:
+    """Stands in for a TorchScript class instance: keeps its attributes, runs nothing."""
+
+    qualname = ""
+
+    def __setstate__(self, state: object) -> None:
+        self.attrs = state if isinstance(state, dict) else {}
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: object
+                    ) -> torch.Tensor:
+    return storage.as_strided(tuple(size), tuple(stride), offset).clone()
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Unpickles an archive's ``data.pkl`` allowing tensors, storages, OrderedDict, TorchScript's
+    list tags and stand-ins for its ``__torch__`` classes; any other global is refused."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(archive.read(prefix + "data.pkl")))
+        self.archive, self.prefix, self.classes = archive, prefix, {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qual = f"{module}.{name}"
+            if qual not in self.classes:
+                self.classes[qual] = type(name, (_ScriptObject,), {"qualname": qual})
+            return self.classes[qual]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch.jit._pickle" and name.startswith(("build_", "restore_type_tag")) \
+                and name != "build_tensor_from_id":
+            return lambda value, *_: value
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
+
+    def persistent_load(self, pid: tuple) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, dtype, key, _location, numel = pid
+        raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+        size = torch.empty((), dtype=dtype).element_size()
+        if len(raw) < numel * size:
+            raise pickle.UnpicklingError(f"storage {key} holds {len(raw)} bytes, not "
+                                         f"{numel * size}")
+        if numel == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(raw[: numel * size], dtype=dtype)
+
+
+def _module_tensors(archive: zipfile.ZipFile, prefix: str) -> dict[str, list[str]]:
+    """``{qualified class: its parameter and buffer names}`` from the ``__parameters__`` and
+    ``__buffers__`` lines of the archive's code files (read as text, never compiled)."""
+    out = {}
+    pattern = re.compile(r"^class (\w+)\(Module\):\n  __parameters__ = \[(.*?)\]\n"
+                         r"  __buffers__ = \[(.*?)\]", re.M)
+    for name in archive.namelist():
+        if name.startswith(prefix + "code/") and name.endswith(".py"):
+            module = name[len(prefix + "code/"):-3].replace("/", ".")
+            for cls, params, buffers in pattern.findall(archive.read(name).decode()):
+                out[f"{module}.{cls}"] = re.findall(r'"([^"]+)"', params + buffers)
+    return out
+
+
+def read_torchscript_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict (parameters and buffers by dotted name) of a TorchScript archive, read from
+    its pickled tensors with a restricted unpickler: the archive's code is never run."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pkl) != 1:
+                raise ValueError("no single <archive>/data.pkl")
+            prefix = pkl[0][: -len("data.pkl")]
+            tensors = _module_tensors(z, prefix)
+            root = _TensorsOnlyUnpickler(z, prefix).load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, EOFError, RuntimeError,
+            ValueError) as e:
+        raise ValueError(f"{path} is not a TorchScript archive whose tensors can be read "
+                         f"safely: {e}") from e
+    state: dict[str, torch.Tensor] = {}
+    _collect(root, "", tensors, state, path)
+    return state
+
+
+def _collect(obj: object, prefix: str, tensors: dict[str, list[str]],
+             state: dict[str, torch.Tensor], path: Path) -> None:
+    if not isinstance(obj, _ScriptObject):
+        raise ValueError(f"{path}: the archive's root is not a TorchScript module")
+    if obj.qualname not in tensors:
+        raise ValueError(f"{path}: no parameter list for {obj.qualname} in the archive's code")
+    for name in tensors[obj.qualname]:
+        value = getattr(obj, "attrs", {}).get(name)
+        if isinstance(value, torch.Tensor):
+            state[prefix + name] = value
+    for name, value in getattr(obj, "attrs", {}).items():
+        if isinstance(value, _ScriptObject) and value.qualname in tensors:
+            _collect(value, f"{prefix}{name}.", tensors, state, path)
+
+
+def openai_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An OpenAI archive's state dict without its metadata tensors (as open_clip drops them)."""
+    return {k: v for k, v in state.items() if k not in OPENAI_METADATA_KEYS}
+
+
+def convert_openai(src: str | Path, dst: str | Path) -> Path:
+    """Write the tensors of OpenAI's TorchScript ``src`` (e.g. ``ViT-L-14.pt``) to ``dst`` as
+    safetensors (a one-time conversion; the loaders also read ``src`` directly)."""
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"no file at {src}")
+    if not is_torchscript_archive(src):
+        raise ValueError(f"{src} is not a TorchScript archive (OpenAI's released .pt files are)")
+    state = {k: v.contiguous() for k, v in openai_state_dict(
+        read_torchscript_state_dict(src)).items()}
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    save_file(state, str(tmp), metadata={"source": src.name, "format": "openai-clip"})
+    tmp.replace(dst)
+    return dst
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,3 +746,28 @@ def _attention_pool_dense(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
     out = pool.proj(out)
     return out + pool.mlp(pool.norm(out)) if pool.mlp is not None else out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lessons.backbones convert-openai IN.pt OUT.safetensors``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lessons.backbones",
+                                 description="one-time conversions of released weight files")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convert-openai", help="OpenAI's TorchScript CLIP .pt -> safetensors, "
+                       "reading its tensors without running its code")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        out = convert_openai(args.src, args.dst)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -590,3 +590,109 @@ def test_normalize_uses_the_bundle_statistics(toy_vfm: Encoder, toy_vlm: Encoder
         torch.testing.assert_close(enc.normalize(x), expected)
     torch.testing.assert_close(siglip.normalize(x), 2 * x - 1)
     assert IMAGENET_MEAN != CLIP_MEAN
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. OpenAI's TorchScript archives, read without running them; local paths never as tags
+# ----------------------------------------------------------------------------------------------
+TINY_CLIP_CFG = dict(embed_dim=16,
+                     vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2,
+                                     head_width=16),
+                     text_cfg=dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1))
+TINY_CLIP = Bundle("tiny_clip", "open_clip", "tiny-clip", "vlm", CLIP_MEAN, CLIP_STD, 8,
+                   (32, 32), 32, 2, (0, 1), embed_dim=16, weights="ViT-tiny.pt",
+                   kwargs=TINY_CLIP_CFG)
+
+
+class _OpenAIStyle(nn.Module):
+    """An open_clip CLIP plus the metadata buffers OpenAI's archives carry."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        for name, child in clip.named_children():
+            self.add_module(name, child)
+        for name, p in clip.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for key, value in (("input_resolution", 32), ("context_length", 8), ("vocab_size", 100)):
+            self.register_buffer(key, torch.tensor(value))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(image)
+
+
+@pytest.fixture(scope="module")
+def scripted_clip(tmp_path_factory) -> tuple:
+    """A TorchScript archive of a tiny CLIP (fp16 like OpenAI's), and its fp32 reference."""
+    torch.manual_seed(0)
+    clip = backbones.open_clip.CLIP(**TINY_CLIP_CFG).eval()
+    sharpen(clip)
+    path = tmp_path_factory.mktemp("openai") / "ViT-tiny.pt"
+    with pytest.warns(FutureWarning):                        # torch.jit is deprecated
+        torch.jit.save(torch.jit.script(_OpenAIStyle(clip).half()), str(path))
+    return path, {k: v.half().float() for k, v in clip.state_dict().items()}
+
+
+def test_torchscript_archive_loads_without_running_it(scripted_clip, monkeypatch) -> None:
+    path, reference = scripted_clip
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("torch.jit.load runs the archive's code")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    assert backbones.is_torchscript_archive(path)
+    state = backbones.read_torchscript_state_dict(path)
+    assert {"input_resolution", "vocab_size", "visual.conv1.weight"} <= set(state)
+    assert all(v.dtype == torch.float16 for k, v in state.items() if k.startswith("visual."))
+    model = create_model(TINY_CLIP, weights=path)             # open_clip's loading path
+    assert_weights_equal(model, reference)
+    assert_weights_equal(create_model(TINY_CLIP, weights=path.parent), reference)   # a folder
+
+
+def test_convert_openai_command(scripted_clip, tmp_path, capsys) -> None:
+    path, reference = scripted_clip
+    out = tmp_path / "ViT-tiny.safetensors"
+    assert backbones.main(["convert-openai", str(path), str(out)]) == 0
+    assert_weights_equal(create_model(TINY_CLIP, weights=out), reference)
+    assert backbones.main(["convert-openai", str(out), str(tmp_path / "x.safetensors")]) == 2
+    assert "is not a TorchScript archive" in capsys.readouterr().err
+
+
+def test_torchscript_archive_with_a_code_global_is_refused(scripted_clip, tmp_path) -> None:
+    """A data.pkl that names os.system (or anything but tensors) is refused, not run."""
+    import os
+    import pickle
+    import zipfile
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    src, _ = scripted_clip
+    bad = tmp_path / "evil.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("/data.pkl"):
+                data = pickle.dumps(Evil(), protocol=2)
+            zout.writestr(item, data)
+    with pytest.raises(ValueError, match="os.system|posix.system|not allowed"):
+        backbones.read_torchscript_state_dict(bad)
+    with pytest.raises(ValueError, match="do not fit tiny_clip"):
+        create_model(TINY_CLIP, weights=bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_local_file_named_like_a_tag_loads_as_a_path(tmp_path, monkeypatch) -> None:
+    """A weights file called ``openai`` must not make open_clip look up (download) the tag."""
+    import open_clip.factory
+
+    asked = []
+    for name in ("download_pretrained", "download_pretrained_from_hf", "get_pretrained_cfg"):
+        monkeypatch.setattr(open_clip.factory, name,
+                            lambda *a, _name=name, **k: asked.append(_name) or None)
+    monkeypatch.chdir(tmp_path)
+    clip_b = dataclasses.replace(get_bundle("clip_vitb16"), arch="ViT-B-32")  # smallest CLIP
+    (tmp_path / "openai").write_bytes(b"\x00 not weights " * 8)
+    with pytest.raises(ValueError, match="the weights in openai do not fit"):
+        create_model(clip_b, weights="openai")
+    assert asked == [], "a local path was looked up as an open_clip pretrained tag"
