@@ -5,7 +5,10 @@ a fully fine-tuned encoder too), and in its header everything needed to rebuild 
 judge whether it still fits the code:
 
 - ``builder`` (``"lessons.<module>:<function>"``) and ``builder_kwargs`` (JSON): the function that
-  builds the untrained model (frozen parts included, e.g. the committed toy VFM);
+  builds the untrained model (frozen parts included, e.g. the committed toy VFM). Only the names
+  in :data:`BUILDERS` are called, and only with keyword arguments of their signature whose JSON
+  values fit the annotation (a path, a module or a ``**kwargs`` cannot come from a header): a
+  ``.safetensors`` file can hold tensors and choose among known models, nothing else;
 - ``toyworld_version``: a checkpoint trained on another ToyWorld version does not load;
 - ``lessons_modules`` / ``lessons_digest``: the code it was trained with (shown, not enforced:
   the state dict loading strictly is what proves it still fits);
@@ -17,7 +20,9 @@ judge whether it still fits the code:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,12 +38,129 @@ REQUIRED_KEYS = ("builder", "builder_kwargs", "toyworld_version", "lessons_diges
                  "seed")
 
 
+# The builders a checkpoint header may name ("lessons.<module>:<function>"): the toy sweep's
+# methods. Resolved lazily (those modules import this one); add one with register_builder.
+BUILDERS: dict[str, Callable[..., nn.Module] | None] = dict.fromkeys((
+    "lessons.baselines:TinySegNet",
+    "lessons.segmentor:build_toy_segmentor",
+    "lessons.mask2former:build_toy_rein_mask2former",
+    "lessons.mask2former:build_toy_tqdm",
+    "lessons.catseg:build_toy_catseg",
+    "lessons.querydiff:build_toy_querydiff",
+    "lessons.mfuser:build_toy_mfuser",
+))
+# JSON value kinds per annotation name; a kwarg annotated otherwise cannot come from a header
+_JSON_KINDS: dict[str, tuple[type, ...]] = {
+    "str": (str,), "bool": (bool,), "int": (int,), "float": (int, float), "None": (type(None),),
+    "list": (list,), "tuple": (list,), "Sequence": (list,), "dict": (dict,), "Mapping": (dict,)}
+
+
+def register_builder(name: str, func: Callable[..., nn.Module] | None = None) -> None:
+    """Allow checkpoints to name ``name`` (``"lessons.<module>:<function>"``)."""
+    module, _, attr = name.partition(":")
+    if not module.startswith("lessons.") or not attr.isidentifier():
+        raise ValueError(f"builder must be 'lessons.<module>:<function>', got {name!r}")
+    BUILDERS[name] = func
+
+
+def get_builder(name: str) -> Callable[..., nn.Module]:
+    """The registered builder ``name``; a ValueError for any other name (nothing is imported)."""
+    if not isinstance(name, str) or name not in BUILDERS:
+        raise ValueError(f"builder {name!r} is not a registered lesson builder; known: "
+                         f"{sorted(BUILDERS)} (builder must be 'lessons.<module>:<function>' "
+                         "from lessons.checkpoints.BUILDERS)")
+    if BUILDERS[name] is None:
+        module, _, attr = name.partition(":")
+        BUILDERS[name] = getattr(importlib.import_module(module), attr)
+    return BUILDERS[name]
+
+
+def check_builder_kwargs(name: str, kwargs: object) -> dict:
+    """``kwargs`` checked against the signature of builder ``name``: known keyword names only,
+    every required one given, each JSON value of the annotated type; a ValueError otherwise."""
+    func = get_builder(name)
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"builder_kwargs of {name} must be a JSON object, got {kwargs!r}")
+    params = {k: p for k, p in inspect.signature(func).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"builder_kwargs {unknown} are not arguments of {name}; its arguments: "
+                         f"{sorted(params)}")
+    required = sorted(k for k, p in params.items() if p.default is p.empty and k not in kwargs)
+    if required:
+        raise ValueError(f"builder_kwargs lack {required}, required by {name}")
+    for key, value in kwargs.items():
+        annotation = _annotation(params[key].annotation)
+        if not _settable(annotation):
+            raise ValueError(f"builder_kwargs.{key} of {name} is annotated {annotation!r}: such "
+                             "an argument cannot come from a checkpoint header")
+        if not _fits(value, annotation):
+            raise ValueError(f"builder_kwargs.{key} = {value!r} should be {annotation} "
+                             f"(builder {name})")
+    return kwargs
+
+
 def build_model(builder: str, kwargs: dict) -> nn.Module:
-    """Call ``builder`` (``"lessons.module:function"``) with ``kwargs``; only lessons code runs."""
-    module, _, func = builder.partition(":")
-    if not module.startswith("lessons.") or not func:
-        raise ValueError(f"builder must be 'lessons.<module>:<function>', got {builder!r}")
-    return getattr(importlib.import_module(module), func)(**kwargs)
+    """Call the registered ``builder`` with checked ``kwargs`` (:func:`check_builder_kwargs`)."""
+    return get_builder(builder)(**check_builder_kwargs(builder, kwargs))
+
+
+def _annotation(annotation: object) -> str:
+    if annotation is inspect.Parameter.empty:
+        return "None | bool | int | float | str"          # no annotation: JSON scalars only
+    return annotation if isinstance(annotation, str) else getattr(
+        annotation, "__name__", str(annotation))
+
+
+def _split(text: str, sep: str = ",") -> list[str]:
+    """Split at top-level ``sep`` (not inside brackets)."""
+    out, depth, part = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            out.append(part.strip())
+            part = ""
+        else:
+            part += ch
+    return [*out, part.strip()]
+
+
+def _members(annotation: str) -> list[tuple[str, str]]:
+    """``"tuple[int, ...] | None"`` -> ``[("tuple", "int, ..."), ("None", "")]``."""
+    members = []
+    for member in _split(annotation, "|"):
+        base, _, inner = member.partition("[")
+        members.append((base.strip().rsplit(".", 1)[-1], inner.removesuffix("]").strip()))
+    return members
+
+
+def _settable(annotation: str) -> bool:
+    for base, inner in _members(annotation):
+        if base not in _JSON_KINDS:
+            return False
+        if inner and not all(_settable(a) for a in _split(inner) if a != "..."):
+            return False
+    return True
+
+
+def _fits(value: object, annotation: str) -> bool:
+    for base, inner in _members(annotation):
+        kinds = _JSON_KINDS[base]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            continue
+        args = [a for a in _split(inner) if a != "..."] if inner else []
+        if isinstance(value, list) and args:
+            fixed = base == "tuple" and "..." not in inner and len(args) > 1
+            if fixed and len(value) != len(args):
+                continue
+            if not all(_fits(v, args[i] if fixed else args[0]) for i, v in enumerate(value)):
+                continue
+        if isinstance(value, dict) and len(args) == 2 and not all(
+                isinstance(k, str) and _fits(v, args[1]) for k, v in value.items()):
+            continue
+        return True
+    return False
 
 
 def save_lesson_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:

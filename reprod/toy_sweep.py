@@ -57,7 +57,7 @@ class Method:
     """A lesson model: how to build it, which lesson shows it, how it trains."""
 
     lesson: str                       # notebook stem prefix, e.g. "02_rein"
-    builder: str                      # "lessons.<module>:<function>"
+    builder: str                      # a name in lessons.checkpoints.BUILDERS
     builder_kwargs: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)     # TrainConfig overrides for this method
     label: str = ""
