@@ -50,10 +50,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 import numpy as np
@@ -1001,18 +1002,89 @@ EXPORT_DIRS: dict[str, str] = {"gtav": "gta", "cityscapes": "cityscapes", "bdd10
 MANIFEST = "toyworld_export.json"
 
 
-def _load_manifest(root: Path, dataset: str) -> dict:
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest_member(root: Path, manifest: Path, rel: object) -> str:
+    """A path the manifest lists, checked to be a plain relative path inside ``root``."""
+    pure = PurePosixPath(rel) if isinstance(rel, str) else None
+    if (pure is None or not rel or pure.is_absolute() or pure.as_posix() != rel
+            or any(part in ("..", ".") for part in pure.parts) or "\\" in rel):
+        raise ValueError(f"{manifest} lists {rel!r}, which is not a plain path inside {root}: "
+                         "refusing to delete or overwrite anything there")
+    return rel
+
+
+def _read_manifest(root: Path, dataset: str) -> dict:
+    """The manifest of an earlier export into ``root``, its structure and paths checked."""
     path = root / MANIFEST
-    if path.is_file():
+    if path.is_symlink() or not path.is_file():
+        raise ValueError(f"{path} is not a regular file: refusing to export into {root}")
+    try:
         manifest = json.loads(path.read_text())
-        if manifest.get("dataset") != dataset:
-            raise ValueError(f"{path} records a ToyWorld export of {manifest.get('dataset')!r}, "
-                             f"not {dataset!r}: export into another folder")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a ToyWorld export manifest ({e}): refusing to export "
+                         f"into {root}") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("files", []), list)
+            for v in manifest["parts"].values()):
+        raise ValueError(f"{path} is not a ToyWorld export manifest: refusing to export into "
+                         f"{root}")
+    if manifest.get("dataset") != dataset:
+        raise ValueError(f"{path} records a ToyWorld export of {manifest.get('dataset')!r}, "
+                         f"not {dataset!r}: export into another folder")
+    if not isinstance(manifest.get("sha256"), dict):
+        raise ValueError(f"{path} predates the export's checksums, so the files there cannot be "
+                         f"told from others: delete {root} and export again")
+    for part in manifest["parts"].values():
+        for rel in part.get("files", []):
+            _manifest_member(root, path, rel)
+    for rel in manifest["sha256"]:
+        _manifest_member(root, path, rel)
+    return manifest
+
+
+def _foreign_files(root: Path, manifest: dict) -> list[str]:
+    """Everything under ``root`` the export did not write, or that changed since (checksums),
+    symbolic links included; the manifest itself excepted."""
+    sums = manifest["sha256"]
+    foreign = []
+    for folder, dirs, files in os.walk(root):
+        base = Path(folder)
+        for name in sorted(dirs):
+            if (base / name).is_symlink():
+                foreign.append((base / name).relative_to(root).as_posix() + " (a link)")
+        for name in sorted(files):
+            rel = (base / name).relative_to(root).as_posix()
+            if rel in (MANIFEST, f".{MANIFEST}.tmp"):       # (the latter: a killed export)
+                continue
+            if (base / name).is_symlink() or not (base / name).is_file():
+                foreign.append(rel + " (not a regular file)")
+            elif rel not in sums:
+                foreign.append(rel)
+            elif _file_sha256(base / name) != sums[rel]:
+                foreign.append(rel + " (changed since the export)")
+    return foreign
+
+
+def _load_manifest(root: Path, dataset: str) -> dict:
+    """The earlier export's manifest when ``root`` holds nothing else (a fresh one for an empty
+    or new folder); a FileExistsError when ``root`` holds files the export did not write."""
+    if (root / MANIFEST).exists() or (root / MANIFEST).is_symlink():
+        manifest = _read_manifest(root, dataset)
+        foreign = _foreign_files(root, manifest)
+        if foreign:
+            raise FileExistsError(
+                f"{root} holds files the ToyWorld export did not write (or that changed since): "
+                f"{_listing(foreign, 10)}\nRefusing to delete or overwrite anything there: "
+                "export into a new folder, or remove those files")
         return manifest
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty and holds no {MANIFEST}: refusing to write "
                               "ToyWorld scenes into what may be a real dataset tree")
-    return {"dataset": dataset, "toyworld_version": tw.TOYWORLD_VERSION, "parts": {}}
+    return {"dataset": dataset, "toyworld_version": tw.TOYWORLD_VERSION, "parts": {},
+            "sha256": {}}
 
 
 def export_toyworld(root: str | Path, dataset: str, splits: Sequence[str] | None = None, *,
@@ -1030,9 +1102,11 @@ def export_toyworld(root: str | Path, dataset: str, splits: Sequence[str] | None
     "Unlabeled", which read back as 255. ``split_map`` picks the ToyWorld split of a dataset split
     (default ``TOY_SPLITS``; e.g. ``{"val": "test"}`` exports the toy benchmark's target scenes).
 
-    A manifest (``toyworld_export.json``) records what was written; re-exporting a split first
-    deletes that split's files, and a non-empty folder without a manifest is refused. Returns the
-    manifest.
+    A manifest (``toyworld_export.json``) records what was written, with each file's SHA-256.
+    Re-exporting into a folder first checks that it holds nothing but those files, unchanged (no
+    other file, no link; the manifest's paths must lie inside the folder), then deletes the
+    re-exported split's files; anything else is refused before a file is touched, as is a
+    non-empty folder without a manifest. Returns the manifest.
     """
     cls = dataset_class(dataset)
     root = Path(root)
@@ -1055,7 +1129,8 @@ def export_toyworld(root: str | Path, dataset: str, splits: Sequence[str] | None
         for split in splits:
             part = f"{cond}/{split}" if cond else split
             for old in manifest["parts"].get(part, {}).get("files", []):
-                (root / old).unlink(missing_ok=True)
+                (root / old).unlink(missing_ok=True)           # checked: ours, inside root
+                manifest["sha256"].pop(old, None)
             world = tw.ToyWorld(domain, split_map[split], size, length, seed)
             files = []
             bar = {} if progress else {"disable": True}   # TQDM_DISABLE still applies
@@ -1067,6 +1142,13 @@ def export_toyworld(root: str | Path, dataset: str, splits: Sequence[str] | None
             manifest["parts"][part] = {"domain": domain, "toy_split": split_map[split],
                                        "length": length, "size": list(size), "seed": seed,
                                        "files": files}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    written = {rel for part in manifest["parts"].values() for rel in part["files"]}
+    if (root / "config_v1.2.json").is_file():               # Mapillary's, written once
+        written.add("config_v1.2.json")
+    manifest["sha256"] = {rel: _file_sha256(root / rel) for rel in sorted(written)
+                          if (root / rel).is_file()}
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(root / MANIFEST)
     return manifest
 

@@ -36,7 +36,9 @@ Exit status: 0 done; 1 ``verify`` found problems; 2 a usage or dataset error (mi
 folder, unpaired files or bad label values for ``convert``/``stats``), with its message.
 
 ``export-toyworld`` writes ToyWorld scenes in the official layouts under ``OUT/{gta,cityscapes,
-bdd100k,mapillary,acdc}`` (``reprod.datasets.export_toyworld``).
+bdd100k,mapillary,acdc}`` (``reprod.datasets.export_toyworld``). It writes only into an empty
+folder or one holding nothing but an earlier export's own files, unchanged (their SHA-256 are in
+its ``toyworld_export.json``); anything else there is refused before a file is touched.
 """
 
 from __future__ import annotations

@@ -392,3 +392,60 @@ def test_mapillary_export_writes_the_official_config_and_palettised_labels(tmp_p
         assert im.mode == "P"
         values = np.unique(np.asarray(im))
     assert values.max() <= 65 and 13 in values                       # 13 = "Road"
+
+
+# --- the export's manifest cannot be turned against the tree it sits in ------------------------
+def test_reexport_refuses_a_manifest_listing_paths_outside_the_export(tmp_path):
+    root = tmp_path / "export"
+    D.export_toyworld(root, "gtav", ["all"], length=1, size=SIZE, seed=3)
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    manifest = json.loads((root / D.MANIFEST).read_text())
+    for rel in ("../precious.txt", str(outside)):
+        manifest["parts"]["all"]["files"] = [rel]
+        (root / D.MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match="not a plain path inside"):
+            D.export_toyworld(root, "gtav", ["all"], length=1, size=SIZE, seed=3)
+        assert outside.read_text() == "keep me"
+
+
+def test_reexport_refuses_a_tree_holding_files_it_did_not_write(tmp_path):
+    """A real GTAV unpacked over an old export: no file is replaced, nothing is deleted."""
+    root = tmp_path / "gta"
+    D.export_toyworld(root, "gtav", ["all"], length=2, size=SIZE, seed=3)
+    manifest = json.loads((root / D.MANIFEST).read_text())
+    image = root / manifest["parts"]["all"]["files"][0]       # same name as a real GTAV file
+    real = np.full((*SIZE, 3), 7, np.uint8)
+    Image.fromarray(real).save(image)
+    extra = root / "images" / "99999.png"
+    Image.fromarray(real).save(extra)
+    with pytest.raises(FileExistsError, match="did not write") as err:
+        D.export_toyworld(root, "gtav", ["all"], length=2, size=SIZE, seed=3)
+    assert "images/99999.png\n" in str(err.value) and "changed since the export" in str(err.value)
+    assert np.array_equal(np.asarray(Image.open(image)), real) and extra.exists()
+    extra.unlink()
+    with pytest.raises(FileExistsError, match="changed since the export"):
+        D.export_toyworld(root, "gtav", ["all"], length=2, size=SIZE, seed=3)
+    assert np.array_equal(np.asarray(Image.open(image)), real)
+
+
+def test_reexport_refuses_links_and_old_manifests(tmp_path):
+    root = tmp_path / "gta"
+    D.export_toyworld(root, "gtav", ["all"], length=1, size=SIZE, seed=3)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "images" / "sub").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError, match="a link"):
+        D.export_toyworld(root, "gtav", ["all"], length=1, size=SIZE, seed=3)
+    (root / "images" / "sub").unlink()
+    manifest = json.loads((root / D.MANIFEST).read_text())
+    del manifest["sha256"]                                     # written by an older version
+    (root / D.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="predates the export's checksums"):
+        D.export_toyworld(root, "gtav", ["all"], length=1, size=SIZE, seed=3)
+
+
+def test_reexport_of_its_own_files_still_works(tmp_path):
+    D.export_toyworld(tmp_path, "mapillary", ["val"], length=2, size=SIZE, seed=3)
+    m = D.export_toyworld(tmp_path, "mapillary", ["val"], length=1, size=SIZE, seed=4)
+    assert len(D.Mapillary(tmp_path, "val")) == 1 and "config_v1.2.json" in m["sha256"]
+    assert set(m["sha256"]) == {*m["parts"]["val"]["files"], "config_v1.2.json"}
