@@ -362,12 +362,16 @@ def _rgb_codes(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
+# PIL raises DecompressionBombError (not an OSError) for images over twice MAX_IMAGE_PIXELS
+_PIL_ERRORS = (OSError, Image.DecompressionBombError)
+
+
 def read_image(path: Path) -> np.ndarray:
     """An image file as uint8 (H, W, 3) RGB; a ValueError naming the file if PIL cannot read it."""
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except OSError as e:
+    except _PIL_ERRORS as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from e
 
 
@@ -376,7 +380,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except OSError as e:
+    except _PIL_ERRORS as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from e
 
 
@@ -390,7 +394,7 @@ def read_label_values(path: Path, allow_rgb: bool = False) -> np.ndarray:
             if im.mode in ("RGB", "RGBA") and allow_rgb:
                 return np.asarray(im.convert("RGB"))
             mode = im.mode
-    except OSError as e:
+    except _PIL_ERRORS as e:
         raise ValueError(f"{path}: cannot read the label ({e})") from e
     raise ValueError(f"{path}: label image has mode {mode}; expected one value per pixel "
                      "(P, L or I;16)" + (" or RGB colours" if allow_rgb else ""))
@@ -469,11 +473,13 @@ class Sample:
 
 @dataclass
 class Pairing:
-    """The result of scanning a split: pairs, and files whose partner is missing."""
+    """The result of scanning a split: pairs, files whose partner is missing, and files that are
+    not read (a link that loops or leads nowhere, a suffix in another case), as messages."""
 
     samples: list[Sample] = field(default_factory=list)
     unpaired_images: list[Path] = field(default_factory=list)
     unpaired_labels: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -489,21 +495,43 @@ class _Folders:
     exclude: str | None = None  # label files ending so are not labels (converted outputs)
 
 
-def _index(folder: Path, suffix: str, depth: int | None, exclude: str | None) -> dict[str, Path]:
-    pattern = {0: "*", 1: "*/*"}.get(depth, "**/*") + suffix
+def _index(folder: Path, suffix: str, depth: int | None, exclude: str | None,
+           skipped: list[str] | None = None) -> dict[str, Path]:
+    """Files ending in ``suffix`` by key; what looks like one but cannot be read (a link that
+    loops or leads nowhere, the suffix in another case) goes to ``skipped`` as a message."""
+    pattern = {0: "*", 1: "*/*"}.get(depth, "**/*")
     out = {}
     for path in sorted(folder.glob(pattern)):
-        if not path.is_file() or (exclude and path.name.endswith(exclude)):
+        name = path.name
+        if exclude and name.lower().endswith(exclude.lower()):
+            continue
+        if not name.endswith(suffix):
+            if name.lower().endswith(suffix.lower()) and skipped is not None and \
+                    (path.is_file() or path.is_symlink()):
+                skipped.append(f"{path}: not read, the loaders match {suffix!r} exactly "
+                               "(rename it)")
+            continue
+        if not path.is_file():
+            if path.is_symlink() and skipped is not None:
+                skipped.append(f"{path}: a link that cannot be followed ({_link_error(path)})")
             continue
         out[path.relative_to(folder).as_posix()[: -len(suffix)]] = path
     return out
 
 
+def _link_error(path: Path) -> str:
+    try:
+        path.stat()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return "not a file"
+
+
 def _pair(groups: Sequence[_Folders]) -> Pairing:
     out = Pairing()
     for g in groups:
-        images = _index(g.images, g.image_suffix, g.depth, None)
-        labels = _index(g.labels, g.label_suffix, g.depth, g.exclude)
+        images = _index(g.images, g.image_suffix, g.depth, None, out.skipped)
+        labels = _index(g.labels, g.label_suffix, g.depth, g.exclude, out.skipped)
         for key, path in images.items():
             if key in labels:
                 out.samples.append(Sample(path, labels[key], g.prefix + key))
@@ -519,11 +547,16 @@ def _listing(paths: Sequence[Path], limit: int = 20) -> str:
     return f"\n  {shown}{more}"
 
 
-def check_sample(decoder: LabelDecoder, sample: Sample, values: bool = True) -> list[str]:
-    """The problems of one pair (unreadable files, size mismatch, label values), as messages."""
+def check_sample(decoder: LabelDecoder, sample: Sample, values: bool = True,
+                 decode: bool = False) -> list[str]:
+    """The problems of one pair (unreadable files, size mismatch, label values), as messages.
+    ``decode`` reads every image's pixels (a truncated file passes the header check)."""
     problems = []
     try:
-        w, h = image_size(sample.image)
+        if decode:
+            h, w = read_image(sample.image).shape[:2]
+        else:
+            w, h = image_size(sample.image)
     except ValueError as e:
         return [str(e)]
     try:

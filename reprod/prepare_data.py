@@ -30,7 +30,9 @@ class present in the stats that no image passes (the tqdm loader asserts on that
 ``verify`` checks a tree before training: the image count of each split against the official
 count (``--no-expect-counts`` for toy trees), image/label pairing, equal image and label sizes and
 label values inside the dataset's table; it prints a report naming every missing or bad file and
-exits 1 when there is any problem. Labels are decoded; images are checked from their headers.
+exits 1 when there is any problem. Labels are decoded; images are checked from their headers,
+or decoded fully with ``--decode`` (a truncated file has a valid header). Files the readers would
+not see are reported too: a link that loops or leads nowhere, a suffix in another case (``.PNG``).
 
 Exit status: 0 done; 1 ``verify`` found problems; 2 a usage or dataset error (missing root or
 folder, unpaired files or bad label values for ``convert``/``stats``), with its message.
@@ -206,9 +208,10 @@ def write_stats(stats: list[dict], out_dir: str | Path, min_pixels: int = RCS_MI
 # ----------------------------------------------------------------------------------------------
 def verify(name: str, root: str | Path, splits: Sequence[str] | None = None, *,
            labels: str | None = None, conditions: Sequence[str] | None = None,
-           expect_counts: bool = True, check_values: bool = True, workers: int = 1,
-           out: Callable[[str], None] = print) -> list[str]:
-    """Check ``splits`` of a tree; prints a report through ``out``, returns every problem."""
+           expect_counts: bool = True, check_values: bool = True, decode: bool = False,
+           workers: int = 1, out: Callable[[str], None] = print) -> list[str]:
+    """Check ``splits`` of a tree; prints a report through ``out``, returns every problem.
+    ``decode`` reads every image's pixels, not only its header."""
     cls = dataset_class(name)
     problems: list[str] = []
     for split in splits or cls.DEFAULT_SPLITS:
@@ -218,26 +221,27 @@ def verify(name: str, root: str | Path, splits: Sequence[str] | None = None, *,
             problems.append(f"{cls.title} {split}: {e}")
             out(f"{cls.title} {split}: cannot read the tree\n  {e}")
             continue
-        problems += _verify_split(ds, expect_counts, check_values, workers, out)
+        problems += _verify_split(ds, expect_counts, check_values, decode, workers, out)
     out(f"verify {name} {root}: " + (f"{len(problems)} problem(s)" if problems else "all good"))
     return problems
 
 
-def _verify_split(ds: SegmentationFiles, expect_counts: bool, check_values: bool, workers: int,
-                  out: Callable[[str], None]) -> list[str]:
+def _verify_split(ds: SegmentationFiles, expect_counts: bool, check_values: bool, decode: bool,
+                  workers: int, out: Callable[[str], None]) -> list[str]:
     head = f"{ds.title} {ds.split}"
     if getattr(ds, "conditions", None):
         head += f" ({', '.join(ds.conditions)})"
     n, expected = len(ds.samples), ds.expected_count()
     problems = [f"{p}: image without a label" for p in ds.pairing.unpaired_images]
     problems += [f"{p}: label without an image" for p in ds.pairing.unpaired_labels]
+    problems += ds.pairing.skipped
     if n == 0:
         hint = "" if ds.pairing.unpaired_labels else " " + ds.convert_hint()
         problems.append(f"{head}: no image/label pairs under {ds.root}.{hint}".rstrip())
     if expect_counts and expected is not None and n != expected:
         problems.append(f"{head}: {n} image/label pairs, the official count is {expected}")
-    checks = _map(partial(check_sample, ds.decoder, values=check_values), ds.samples, workers,
-                  f"verify {ds.name} {ds.split}")
+    checks = _map(partial(check_sample, ds.decoder, values=check_values, decode=decode),
+                  ds.samples, workers, f"verify {ds.name} {ds.split}")
     problems += [p for found in checks for p in found]
     count = f"{n} pairs" + (f" (official: {expected})" if expected is not None else
                             " (no official count known)")
@@ -295,6 +299,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare image counts with the official ones (default: yes)")
     p.add_argument("--check-values", action=argparse.BooleanOptionalAction, default=True,
                    help="decode every label and check its values (default: yes)")
+    p.add_argument("--decode", action="store_true",
+                   help="decode every image fully, not only its header (finds truncated files)")
     p = sub.add_parser("export-toyworld", help="write ToyWorld scenes in the official layouts")
     p.add_argument("out", type=Path, help="export root; one folder per dataset inside")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=tuple(DATASETS))
@@ -332,7 +338,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         problems = verify(args.dataset, args.root, args.split, labels=args.labels,
                           conditions=args.conditions, expect_counts=args.expect_counts,
-                          check_values=args.check_values, workers=args.workers)
+                          check_values=args.check_values, decode=args.decode,
+                          workers=args.workers)
         return 1 if problems else 0
     split_map = _split_map(args.split_map)
     for name in args.datasets:

@@ -449,3 +449,12 @@ def test_reexport_of_its_own_files_still_works(tmp_path):
     m = D.export_toyworld(tmp_path, "mapillary", ["val"], length=1, size=SIZE, seed=4)
     assert len(D.Mapillary(tmp_path, "val")) == 1 and "config_v1.2.json" in m["sha256"]
     assert set(m["sha256"]) == {*m["parts"]["val"]["files"], "config_v1.2.json"}
+
+
+def test_an_image_past_the_decompression_bomb_limit_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)        # 1600 > 2 x 100: PIL refuses
+    for read in (D.read_image, D.image_size, D.read_label_values):
+        with pytest.raises(ValueError, match=f"{path}: cannot read the .*decompression bomb"):
+            read(path)

@@ -212,3 +212,37 @@ def test_export_toyworld_cli_writes_readable_trees(tmp_path, capsys):
     with pytest.raises(SystemExit):
         P.main(["export-toyworld", str(out), "--split-map", "val:test"])
     assert "--split-map takes" in capsys.readouterr().err
+
+
+# --- verify: full decoding, files the readers would not see ------------------------------------
+def test_verify_decode_finds_truncated_images(tmp_path, capsys):
+    root = _toy(tmp_path)
+    image = root / "leftImg8bit/val/toyworld/toyworld_000001_000019_leftImg8bit.png"
+    image.write_bytes(image.read_bytes()[:-200])              # the header still reads
+    args = ["verify", "cityscapes", str(root), "--no-expect-counts", "--workers", "1"]
+    assert P.main(args) == 0
+    capsys.readouterr()
+    assert P.main([*args, "--decode"]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD {image}: cannot read the image" in out and "1 problem(s)" in out
+
+
+def test_verify_reports_looping_links_and_upper_case_suffixes(tmp_path, capsys):
+    root = _toy(tmp_path)
+    val = root / "leftImg8bit/val/toyworld"
+    gt = root / "gtFine/val/toyworld"
+    image = val / "toyworld_000000_000019_leftImg8bit.png"
+    label = gt / "toyworld_000000_000019_gtFine_labelIds.png"
+    for path in (image, label):                               # a pair of looping links
+        path.unlink()
+        path.symlink_to(path)
+    upper = val / "toyworld_000001_000019_leftImg8bit.png"
+    upper.rename(upper.with_suffix(".PNG"))
+    (gt / "toyworld_000001_000019_gtFine_labelIds.png").unlink()
+    assert P.main(["verify", "cityscapes", str(root), "--split", "val", "--no-expect-counts",
+                   "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD {image}: a link that cannot be followed" in out
+    assert f"BAD {label}: a link that cannot be followed" in out
+    assert f"BAD {upper.with_suffix('.PNG')}: not read, the loaders match" in out
+    assert "3 problem(s)" in out
