@@ -37,6 +37,7 @@ from reprod.evaluate_core import (
     write_report,
 )
 from reprod.experiment import Experiment, build_model, load_experiment, target_datasets
+from reprod.safe_io import check_digest, load_safetensors_checked, load_weights_only
 
 OFFICIAL = ("rein", "mfuser")
 
@@ -57,15 +58,13 @@ def load_trained(model: nn.Module, path: str | Path) -> list[str]:
         raise FileNotFoundError(f"no checkpoint at {path} (reprod.train writes "
                                 "runs/<name>/final.safetensors and checkpoint.pt)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state, _ = load_safetensors_checked(path)           # its SHA-256, when recorded
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path, "reprod.train checkpoint")
         if not isinstance(state, Mapping) or "model" not in state:
             raise ValueError(f"{path} is not a reprod.train checkpoint (no 'model' entry); a "
                              "released checkpoint needs --official rein|mfuser")
-        state = state["model"]
+        state = check_digest(state, path)["model"]
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     lacking = sorted(set(trainable_state_dict(model)) - set(state))
@@ -139,7 +138,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)        # key=value before or after options
+    if args.targets:                                     # `--targets a b k=v`: k=v overrides
+        args.overrides += [t for t in args.targets if "=" in t]
+        args.targets = [t for t in args.targets if "=" not in t] or None
     try:
         exp = load_experiment(args.config, args.overrides)
         target_datasets(exp, args.targets)               # missing data: fail before the model

@@ -77,6 +77,7 @@ from lessons.train import predict, resize_to
 from lessons.utils import get_device
 from reprod.datasets import ACDC_CONDITIONS
 from reprod.paper_results import Table, get_table, load_paper_results
+from reprod.safe_io import atomic_write_text
 
 __all__ = [
     "PROTOCOLS",
@@ -578,7 +579,8 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, *, experiment:
                  protocol: str | Protocol, paper: Mapping[str, float | None] | None = None,
                  extra: Mapping[str, Any] | None = None, paper_label: str | None = None
                  ) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns their paths.
+    """Write ``results.json`` and ``results.md`` into ``out_dir`` (atomically, the JSON last);
+    returns their paths.
 
     The JSON holds the protocol, per target mIoU, per-class IoU, images (of the set's size),
     seconds and settings, the mean, the paper row and the comparison, ``extra``, and last the
@@ -610,9 +612,9 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, *, experiment:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "results.json", out / "results.md"
-    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    md_path.write_text(report_markdown(report))
-    return json_path, md_path
+    atomic_write_text(md_path, report_markdown(report))
+    atomic_write_text(json_path, json.dumps(report, indent=1, default=str) + "\n")  # last:
+    return json_path, md_path                            # reprod.train's "evaluated" mark
 
 
 def _num(value: float | None, places: int = 2, sign: bool = False) -> str:

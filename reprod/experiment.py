@@ -72,6 +72,14 @@ class TrainSettings:
             raise ValueError(f"train.precision {self.precision!r}: choose one of {PRECISIONS}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"train.optimizer {self.optimizer!r}: choose adamw or sgd")
+        for key, least in (("log_every", 1), ("checkpoint_every", 1), ("eval_every", 0),
+                           ("warmup_steps", 0), ("num_workers", 0)):
+            if getattr(self, key) < least:
+                raise ValueError(f"train.{key} must be >= {least}, got {getattr(self, key)}"
+                                 + (" (0: only at the end)" if key == "eval_every" else ""))
+        if self.eval_max_images is not None and self.eval_max_images < 1:
+            raise ValueError(f"train.eval_max_images must be >= 1 or null, got "
+                             f"{self.eval_max_images}")
 
 
 @dataclass

@@ -4,7 +4,8 @@ The toy models are pretrained in chunks of under ten minutes so a run can be spl
 GPU jobs or a laptop's coffee breaks. A subclass says what its state is (``state_modules``), how
 one step's loss is computed (``loss``) and what happens after an optimizer step (``after_step``,
 e.g. an EMA teacher); this class owns the learning-rate schedule, the chunked loop, the logging
-and the atomic save / checked load. The batch of step ``i`` must depend only on ``(seed, i)``, so
+and the atomic save / checked load (a state that is not weights-only, truncated or damaged is a
+ValueError naming the file). The batch of step ``i`` must depend only on ``(seed, i)``, so
 a resumed run sees exactly the data an unbroken one would.
 """
 
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from reprod.safe_io import load_weights_only
 
 
 def hardware() -> str:
@@ -73,8 +76,9 @@ class ResumableRun:
     model: nn.Module                    # what the optimizer trains
     opt: torch.optim.Optimizer
 
-    def __init__(self, cfg: Any, run_dir: str | Path):
+    def __init__(self, cfg: Any, run_dir: str | Path, device: str | None = None):
         self.cfg, self.dir = cfg, Path(run_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.step, self.seconds, self.log = 0, 0.0, []
         self.trained_on: str | None = None    # hardware() of the chunks, for the card
 
@@ -108,7 +112,9 @@ class ResumableRun:
         """Restore the saved state if there is one (False if not); refuse another config."""
         if not self.ckpt.exists():
             return False
-        state = torch.load(self.ckpt, weights_only=True, map_location="cpu")   # GPU runs too
+        state = load_weights_only(self.ckpt, f"{self.name} run state")   # CPU; GPU runs too
+        if not isinstance(state, dict) or not {"cfg", "step", "seconds", "log"} <= set(state):
+            raise ValueError(f"{self.ckpt} is not a {self.name} run state")
         if state["cfg"] != asdict(self.cfg):
             diff = {k: (state["cfg"].get(k), v) for k, v in asdict(self.cfg).items()
                     if state["cfg"].get(k) != v}
@@ -131,7 +137,7 @@ class ResumableRun:
         """Train until the run is done (or at step ``stop_at``) or ``minutes`` have passed; save."""
         cfg, start = self.cfg, time.perf_counter()
         self.trained_on = hardware()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = self.device.type
         last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.model.train()
         while self.step < last and time.perf_counter() - start < 60 * minutes:

@@ -13,15 +13,26 @@ non-finite guard); this module adds what a multi-day run needs:
 - **Devices**: CPU, one GPU, or DDP under ``torchrun`` (NCCL on GPUs, gloo on CPUs; one node:
   multi-node launches are not tested here, so not claimed). ``train.batch_size`` is the total
   over processes.
-- **Exact resumption**: ``checkpoint.pt`` (written atomically: a killed job leaves the previous
-  one) holds the trained tensors, the optimiser, the step, every process's RNG states and the
-  world size. The learning rate is a function of the step, and the sample at stream position p
-  depends only on (seed, p) (:mod:`reprod.pipelines`), so N steps + stop + N steps equals 2N
-  steps bit for bit on the CPU (a test checks it).
+- **Exact resumption**: ``checkpoint.pt`` holds the trained tensors, the optimiser, the step,
+  every process's RNG states and the world size. The learning rate is a function of the step,
+  and the sample at stream position p depends only on (seed, p) (:mod:`reprod.pipelines`), so N
+  steps + stop + N steps equals 2N steps bit for bit on the CPU (a test checks it). A resume
+  refuses a config whose training differs; what is evaluated and where its data lie
+  (``data.targets``, ``evaluate``, ``train.eval_every``, ``train.eval_max_images``) may change.
+- **The end is resumable too**: at the last step the checkpoint is written, then
+  ``final.safetensors``, then the final evaluation; a rerun of a finished run writes whichever is
+  missing or damaged (an evaluation stopped midway, a wrong target path fixed since). An
+  evaluation never moves the training RNG, so a resumed run matches an unbroken one.
+- **Files**: every file is written atomically (a temporary file renamed over the old one: a
+  job killed at any moment leaves the old file or the new one), and the weights carry a SHA-256
+  of their tensors that is checked when they are read back (:mod:`reprod.safe_io`); checkpoints
+  load ``weights_only``. The run directory is locked (``.lock``): a second training there is an
+  error, and a run that fails before it starts leaves no directory behind.
 - **Precision**: fp32 by default as the official runs; ``train.precision=bf16`` autocasts the
   forward to bfloat16 (weights and optimiser stay fp32).
-- **Logging**: a progress bar, TensorBoard scalars in ``tb/``, ``log.jsonl``; a non-finite loss
-  stops the run with the step, the loss terms and the last checkpoint named.
+- **Logging**: a progress bar, TensorBoard scalars in ``tb/``, ``log.jsonl`` (a resume drops
+  the rows past its checkpoint, so no step appears twice); a non-finite loss stops the run with
+  the step, the loss terms and the last checkpoint named.
 - **Weights**: ``final.safetensors`` (the trained tensors, fp32) for ``reprod.evaluate``.
 
 Dimension glossary: B batch, K classes, H W crop size.
@@ -34,6 +45,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -44,17 +56,38 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lessons.checkpoints import trainable_state_dict
 from lessons.train import TrainConfig, compute_losses, make_optimizer
-from reprod.experiment import Experiment, build_model, load_experiment, source_dataset, to_yaml
+from reprod.experiment import (
+    Experiment,
+    build_model,
+    load_experiment,
+    source_dataset,
+    target_datasets,
+    to_yaml,
+)
+from reprod.safe_io import (
+    RunLock,
+    atomic_write,
+    atomic_write_text,
+    check_digest,
+    load_safetensors_checked,
+    load_weights_only,
+    save_safetensors_checked,
+    tensor_digest,
+)
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.safetensors"
+LOG = "log.jsonl"
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "rng", "world_size", "config")
+# What may change between the jobs of one run: it is evaluated or described, never trained.
+EVAL_ONLY = ("path", "name", "description", "departures", "expected", "paper", "evaluate",
+             "data.targets", "train.eval_every", "train.eval_max_images")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,31 +194,67 @@ def _gather(obj, d: Dist) -> list:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
                     exp: Experiment, d: Dist) -> None:
-    """Atomic: written to a temporary file, then renamed over the previous checkpoint."""
+    """Atomic (a temporary file renamed over the previous checkpoint), with the SHA-256 of its
+    contents inside, checked by :func:`load_checkpoint`."""
     rngs = _gather(rng_state(), d)                     # every process's RNG, for exact resume
     if d.main:
         state = {"model": {k: v.detach().cpu() for k, v in trainable_state_dict(model).items()},
                  "optimizer": opt.state_dict(), "step": step, "rng": rngs, "world_size": d.world,
                  "config": exp.to_dict()}
-        tmp = run_dir / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, run_dir / CHECKPOINT)
+        state["sha256"] = tensor_digest(state)
+        atomic_write(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
     if d.world > 1:
         dist.barrier()
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A ``checkpoint.pt`` loaded ``weights_only`` and checked (its keys, its SHA-256); every
+    problem is a ValueError naming the file."""
+    state = load_weights_only(path, "reprod.train checkpoint")
+    if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= set(state):
+        raise ValueError(f"{path} is not a reprod.train checkpoint (it lacks "
+                         f"{sorted(set(CHECKPOINT_KEYS) - set(state or {}))})")
+    return check_digest(state, path)
+
+
+def training_config(config: dict) -> dict:
+    """A config (``Experiment.to_dict()``) without what :data:`EVAL_ONLY` lets change."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key in EVAL_ONLY:
+        section, _, sub = key.partition(".")
+        if sub and isinstance(out.get(section), dict):
+            out[section].pop(sub, None)
+        elif not sub:
+            out.pop(section, None)
+    return out
+
+
+def _config_diff(saved: dict, now: dict) -> list[str]:
+    a, b = training_config(saved), training_config(now)
+    out = []
+    for section in sorted(set(a) | set(b)):
+        x, y = a.get(section), b.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{section}.{k}: {x.get(k)!r} -> {y.get(k)!r}"
+                    for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(f"{section}: {x!r} -> {y!r}")
+    return out
+
+
 def load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
                     exp: Experiment, d: Dist) -> int:
-    """Restore a run's checkpoint (0 when there is none); refuse another config or world size."""
+    """Restore a run's checkpoint (0 when there is none); refuse another training config (what
+    :data:`EVAL_ONLY` names may differ) or world size."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved, now = state["config"], exp.to_dict()
-    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k != "path"}
+    state = read_checkpoint(path)
+    diff = _config_diff(state["config"], exp.to_dict())
     if diff:
-        raise ValueError(f"{path} belongs to another config; differing sections: "
-                         f"{sorted(diff)}. Use another --run-dir, or the same config")
+        sections = sorted({k.split(".")[0].split(":")[0] for k in diff})
+        raise ValueError(f"{path} belongs to another config; differing sections: {sections} "
+                         f"({'; '.join(diff[:5])}). Use another --run-dir, or the same config")
     if state["world_size"] != d.world:
         raise ValueError(f"{path} was written by {state['world_size']} process(es), this run "
                          f"has {d.world}: the data order depends on it, so exact resumption "
@@ -193,10 +262,33 @@ def load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
     missing = set(trainable_state_dict(model)) - set(state["model"])
     if missing:
         raise ValueError(f"{path} lacks trained tensors {sorted(missing)[:5]}")
-    model.load_state_dict(state["model"], strict=False)
-    opt.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} does not fit this config's model: {str(e)[:300]}") from e
     set_rng_state(state["rng"][d.rank])
     return int(state["step"])
+
+
+def write_final(run_dir: Path, model: nn.Module, exp: Experiment) -> Path:
+    """``final.safetensors``: the trained tensors (fp32) with their SHA-256, written atomically
+    and read back."""
+    return save_safetensors_checked(
+        run_dir / FINAL, {k: v.float() for k, v in trainable_state_dict(model).items()},
+        {"experiment": exp.name, "steps": str(exp.train.steps)})
+
+
+def final_is_complete(run_dir: Path, exp: Experiment) -> bool:
+    """``final.safetensors`` is there, reads back intact and records this run's steps."""
+    path = run_dir / FINAL
+    if not path.is_file():
+        return False
+    try:
+        _, meta = load_safetensors_checked(path)
+    except ValueError:
+        return False
+    return "sha256" in meta and meta.get("steps") == str(exp.train.steps)
 
 
 def run_info(exp: Experiment, d: Dist, argv: Sequence[str]) -> dict:
@@ -259,31 +351,118 @@ def train(exp: Experiment, run_dir: str | Path, *, stop_at: int | None = None,
           device: str | None = None, argv: Sequence[str] = (), progress: bool = True,
           evaluate: bool = True) -> dict:
     """Train (or resume) ``exp`` in ``run_dir`` up to ``train.steps`` (or ``stop_at``, to split
-    a run); returns a summary. Writes ``final.safetensors`` when the run is complete, and
-    evaluates the targets every ``train.eval_every`` steps and at the end (``evaluate``)."""
+    a run); returns a summary. Evaluates the targets every ``train.eval_every`` steps
+    (``evaluate``); at the end writes ``final.safetensors``, then evaluates. A rerun of a
+    finished run completes whichever of the two is missing. The run directory is locked for the
+    run; one this call created is removed again if the run fails before it starts."""
+    if stop_at is not None and stop_at < 0:
+        raise ValueError(f"--stop-at must be >= 0, got {stop_at}")
     d = setup_distributed(device)
     run_dir = Path(run_dir)
+    created, lock = False, None
+    try:
+        created, lock = _claim(run_dir, d)
+        model, opt, start = _start(exp, run_dir, d, argv, stop_at, evaluate)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if lock is not None:
+            lock.release()
+        raise
+    try:
+        return _run(exp, run_dir, d, model, opt, start, stop_at, progress, evaluate)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(run_dir: Path, d: Dist) -> tuple[bool, RunLock | None]:
+    """Create (if needed) and lock the run directory on the main process: (created, lock). A
+    directory locked by another run is a ValueError on every process."""
+    created, lock, error = False, None, None
+    if d.main:
+        try:
+            run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            if not run_dir.is_dir():
+                error = f"--run-dir {run_dir} is a file, not a directory"
+        except OSError as e:
+            error = f"cannot create the run directory {run_dir}: {e.strerror or e}"
+        if error is None:
+            try:
+                lock = RunLock(run_dir).acquire()
+            except ValueError as e:
+                error = str(e)
+            except OSError as e:
+                error = (f"cannot write in the run directory {run_dir}: {e.strerror or e} "
+                         f"({e.filename})")
+    error = _gather(error, d)[0]
+    if error is not None:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ValueError(error)
+    return created, lock
+
+
+def _start(exp: Experiment, run_dir: Path, d: Dist, argv: Sequence[str], stop_at: int | None,
+           evaluate: bool) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    """Everything that can fail before the first step: data, model, checkpoint, run files."""
     t = exp.train
     torch.manual_seed(t.seed + d.rank)
     np.random.seed(t.seed + d.rank)
     random.seed(t.seed + d.rank)
+    if evaluate and exp.data.targets:
+        target_datasets(exp)                    # a wrong target path fails now, not at the end
     model = build_model(exp).to(d.device)
     opt = build_optimizer(model, exp)
     start = load_checkpoint(run_dir, model, opt, exp, d)
+    if start < (t.steps if stop_at is None else min(stop_at, t.steps)):
+        source_dataset(exp, return_name=False)          # the training data is there
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(exp))
-        (run_dir / "run.json").write_text(json.dumps(run_info(exp, d, argv), indent=1))
+        atomic_write_text(run_dir / "config.yaml", to_yaml(exp))
+        atomic_write_text(run_dir / "run.json", json.dumps(run_info(exp, d, argv), indent=1))
+        _trim_log(run_dir, start)
+    return model, opt, start
+
+
+def _run(exp: Experiment, run_dir: Path, d: Dist, model: nn.Module,
+         opt: torch.optim.Optimizer, start: int, stop_at: int | None, progress: bool,
+         evaluate: bool) -> dict:
+    t = exp.train
     step_model = LossModule(model)
     if d.world > 1:
         step_model = nn.parallel.DistributedDataParallel(
             step_model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=t.find_unused_parameters)
     end = t.steps if stop_at is None else min(stop_at, t.steps)
-    summary = {"start_step": start, "end_step": end, "seconds": 0.0}
-    if start >= end:
-        return summary | {"final": str(run_dir / FINAL) if (run_dir / FINAL).exists() else None}
-    writer = _tensorboard(run_dir) if d.main else None
+    summary: dict = {"start_step": start, "end_step": end, "seconds": 0.0}
+    evals: dict[int, float | None] = {}
+    targets = evaluate and bool(exp.data.targets)
+    if start < end:
+        if targets and 0 < start < t.steps and _eval_due(start, exp) \
+                and not _evaluated(run_dir, start, exp, d):   # stopped during that evaluation
+            evals[start] = _evaluate(exp, model, run_dir, start, d)
+        summary |= _loop(exp, run_dir, d, step_model, model, opt, start, end, progress,
+                         evals if targets else None)
+    if max(start, end) >= t.steps:                      # done: the final weights, then scores
+        if d.main and not final_is_complete(run_dir, exp):
+            write_final(run_dir, model, exp)
+        summary["final"] = str(run_dir / FINAL)
+        if targets and not _evaluated(run_dir, t.steps, exp, d):
+            evals[t.steps] = _evaluate(exp, model, run_dir, t.steps, d)
+    if evals:
+        summary["evaluations"] = evals
+    return summary
+
+
+def _loop(exp: Experiment, run_dir: Path, d: Dist, step_model: nn.Module, model: nn.Module,
+          opt: torch.optim.Optimizer, start: int, end: int, progress: bool,
+          evals: dict | None) -> dict:
+    """Steps ``start`` to ``end``: log, checkpoint, evaluate on schedule (not the last step:
+    that evaluation follows the final weights)."""
+    t = exp.train
+    writer = _tensorboard(run_dir, start) if d.main else None
     batches = iter(train_loader(exp, d, start))
     bar = tqdm(range(start, end), initial=start, total=t.steps, desc=exp.name,
                disable=not (progress and d.main))
@@ -299,20 +478,48 @@ def train(exp: Experiment, run_dir: str | Path, *, stop_at: int | None = None,
                  / (time.perf_counter() - began))
         if done % t.checkpoint_every == 0 or done == end:
             save_checkpoint(run_dir, model, opt, done, exp, d)
-        if evaluate and exp.data.targets and (
-                done == t.steps or (t.eval_every and done % t.eval_every == 0)):
-            summary.setdefault("evaluations", {})[done] = _evaluate(exp, model, run_dir, done, d)
-    summary |= {"seconds": time.perf_counter() - began, "last": last}
-    if d.world > 1:
-        summary["ddp_max_param_diff"] = replica_difference(model)
-    if end == t.steps and d.main:
-        save_file({k: v.detach().float().cpu().contiguous()
-                   for k, v in trainable_state_dict(model).items()}, str(run_dir / FINAL),
-                  metadata={"experiment": exp.name, "steps": str(t.steps)})
-        summary["final"] = str(run_dir / FINAL)
+        if evals is not None and done < t.steps and _eval_due(done, exp):
+            evals[done] = _evaluate(exp, model, run_dir, done, d)
     if writer is not None:
         writer.close()
-    return summary
+    out = {"seconds": time.perf_counter() - began, "last": last}
+    if d.world > 1:
+        out["ddp_max_param_diff"] = replica_difference(model)
+    return out
+
+
+def _eval_due(step: int, exp: Experiment) -> bool:
+    t = exp.train
+    return step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
+
+
+def _evaluated(run_dir: Path, step: int, exp: Experiment, d: Dist) -> bool:
+    """Whether step ``step`` has a complete report of every target (decided on the main process,
+    so every process takes the same branch)."""
+    done = False
+    if d.main:
+        try:
+            report = json.loads((run_dir / "eval" / f"step_{step}" / "results.json").read_text())
+            done = set(exp.data.targets) <= set(report.get("targets", {}))
+        except (OSError, ValueError, AttributeError):
+            done = False
+    return bool(_gather(done, d)[0])
+
+
+def _trim_log(run_dir: Path, start: int) -> None:
+    """Drop the ``log.jsonl`` rows past the checkpoint being resumed (and a torn last line):
+    they are logged again."""
+    path = run_dir / LOG
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= start:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(keep))
 
 
 def _step(step_model: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
@@ -364,29 +571,31 @@ def _evaluate(exp: Experiment, model: nn.Module, run_dir: Path, step: int, d: Di
     if d.main:
         from reprod.evaluate import evaluate_experiment
 
+        rng = rng_state()                       # an evaluation never moves the training RNG
         report = evaluate_experiment(exp, model, run_dir / "eval" / f"step_{step}",
                                      max_images=exp.train.eval_max_images, device=d.device,
                                      extra={"step": step, "run_dir": str(run_dir)})
+        set_rng_state(rng)
         mean = report["mean"]
     if d.world > 1:
         dist.barrier()
     return mean
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, start: int = 0):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:              # tensorboard is a dependency; a broken install still trains
         print("tensorboard is not importable: logging to log.jsonl only", file=sys.stderr)
         return None
-    return SummaryWriter(str(run_dir / "tb"))
+    return SummaryWriter(str(run_dir / "tb"), purge_step=start or None)   # no step twice
 
 
 def _log(run_dir: Path, writer, step: int, losses: dict[str, float],
          opt: torch.optim.Optimizer, images_per_s: float) -> None:
     lr = max(g["lr"] for g in opt.param_groups)
     row = {"step": step, **losses, "lr": lr, "images_per_s": images_per_s}
-    with open(run_dir / "log.jsonl", "a") as f:
+    with open(run_dir / LOG, "a") as f:
         f.write(json.dumps(row) + "\n")
     if writer is not None:
         for k, v in losses.items():
@@ -417,7 +626,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)        # key=value before or after options
     try:
         exp = load_experiment(args.config, args.overrides)
         run_dir = Path(args.run_dir or Path("runs") / exp.name)
@@ -426,6 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         progress=not args.no_progress, evaluate=not args.no_eval)
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                      # a read-only or full run directory, mid-run too
+        print(f"error: cannot write {e.filename or 'a run file'}: {e.strerror or e}",
+              file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

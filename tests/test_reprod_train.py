@@ -4,6 +4,7 @@ and the evaluation CLI on the trained checkpoint."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -178,3 +179,171 @@ def test_two_process_ddp_on_gloo(in_toy):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     with pytest.raises(ValueError, match="written by 2 process"):   # exact resume needs 2
         rt.train(_exp("toy_rein"), run, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Interrupted runs, shared run directories, files that cannot be trusted
+# ----------------------------------------------------------------------------------------------
+class NotWeights:
+    """Any object beyond tensors and containers: torch.load(weights_only=True) refuses it."""
+
+
+def test_a_run_stopped_during_its_final_evaluation_finishes_on_rerun(in_toy, monkeypatch):
+    run = in_toy / "runs/final_eval"
+    calls = []
+
+    def killed(*args, **kwargs):
+        calls.append(args[3])
+        raise KeyboardInterrupt          # as a job killed in the middle of the evaluation
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(rt, "_evaluate", killed)
+        rt.train(_exp("toy_rein", "train.eval_max_images=2"), run, progress=False)
+    assert calls == [4] and (run / rt.FINAL).is_file()      # the weights came first
+    import shutil
+
+    shutil.copytree(in_toy / "data/toy/cityscapes", in_toy / "data/toy/cityscapes_moved",
+                    dirs_exist_ok=True)
+    moved = _exp("toy_rein", "train.eval_max_images=2",   # an evaluation path may change
+                 "data.targets.cityscapes.root=data/toy/cityscapes_moved")
+    out = rt.train(moved, run, progress=False)
+    assert out["start_step"] == 4 and set(out["evaluations"]) == {4}
+    assert out["final"] == str(run / rt.FINAL)
+    report = json.loads((run / "eval/step_4/results.json").read_text())
+    assert set(report["targets"]) == {"cityscapes", "bdd100k", "mapillary"}
+    assert "evaluations" not in rt.train(moved, run, progress=False)    # nothing left to do
+    # a damaged final.safetensors is refused when read, and rewritten by a rerun
+    weights = {k: v.clone() for k, v in load_file(run / rt.FINAL).items()}   # (mmapped)
+    data = bytearray((run / rt.FINAL).read_bytes())
+    data[-3] ^= 0xFF
+    (run / rt.FINAL).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="final.safetensors is damaged"):
+        load_trained_into(run / rt.FINAL)
+    rt.train(moved, run, progress=False)
+    again = load_file(run / rt.FINAL)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def load_trained_into(path: Path) -> None:
+    from reprod.evaluate import load_trained
+    from reprod.experiment import build_model
+
+    load_trained(build_model(_exp()), path)
+
+
+def test_two_trainings_cannot_share_a_run_directory(in_toy):
+    import fcntl
+
+    run = in_toy / "runs/shared"
+    run.mkdir(parents=True)
+    with open(run / ".lock", "w") as held:                  # another live training holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="is in use by another training"):
+            rt.train(_exp(), run, stop_at=1, progress=False, evaluate=False)
+    assert not (run / "config.yaml").exists() and not (run / rt.CHECKPOINT).exists()
+    out = rt.train(_exp(), run, stop_at=1, progress=False, evaluate=False)   # released: fine
+    assert out["end_step"] == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.checkpoint_every=0", "train.checkpoint_every must be >= 1"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.eval_every=-5", "train.eval_every must be >= 0"),
+    ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+])
+def test_settings_that_would_divide_by_zero_or_mean_nothing_are_refused(override, key):
+    with pytest.raises(ValueError, match=key):
+        _exp("toy_rein", override)
+
+
+def test_stop_at_must_not_be_negative(in_toy, capsys):
+    assert rt.main(["toy_rein", *SMALL, "--stop-at", "-1", "--run-dir", "runs/neg"]) == 2
+    assert "--stop-at must be >= 0, got -1" in capsys.readouterr().err
+    assert not (in_toy / "runs/neg").exists()
+
+
+def test_unreadable_checkpoints_are_one_sentence_naming_the_file(in_toy, capsys):
+    run = in_toy / "runs/bad_ckpt"
+    rt.train(_exp(), run, stop_at=2, progress=False, evaluate=False)
+    ckpt = run / rt.CHECKPOINT
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])                  # truncated
+    with pytest.raises(ValueError, match=f"{ckpt} cannot be read .* truncated or damaged"):
+        rt.train(_exp(), run, progress=False, evaluate=False)
+    args = ["toy_rein", "--checkpoint", str(ckpt), "--no-progress", "--num-workers", "0"]
+    assert evaluate_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ckpt} cannot be read") and err.count("\n") == 1
+    torch.save({"model": NotWeights()}, ckpt)                 # a pickle that would run code
+    with pytest.raises(ValueError, match=f"{ckpt} is not a weights-only"):
+        rt.train(_exp(), run, progress=False, evaluate=False)
+    assert evaluate_main(args) == 2
+    assert "is not a weights-only" in capsys.readouterr().err
+    state = torch.load(io.BytesIO(good), weights_only=True)   # loads, but not what was written
+    state["model"][next(iter(state["model"]))].add_(1.0)
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match=f"{ckpt} is damaged"):
+        rt.train(_exp(), run, progress=False, evaluate=False)
+
+
+def test_run_directories_that_cannot_be_written(in_toy, capsys, monkeypatch):
+    blocker = in_toy / "runs/a_file"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")
+    assert rt.main(["toy_rein", *SMALL, "--run-dir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create the run directory") and err.count("\n") == 1
+    read_only = in_toy / "runs/read_only"
+    read_only.mkdir()
+    if os.geteuid() == 0:                  # root writes anywhere: simulate the refusal
+        def refused(self):
+            raise PermissionError(13, "Permission denied", str(self.path))
+
+        monkeypatch.setattr(rt.RunLock, "acquire", refused)
+    else:
+        read_only.chmod(0o555)
+    try:
+        assert rt.main(["toy_rein", *SMALL, "--run-dir", str(read_only)]) == 2
+    finally:
+        read_only.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write in the run directory {read_only}: Permission "
+                          "denied") and err.count("\n") == 1
+
+
+def test_overrides_after_options(in_toy, capsys):
+    run = in_toy / "runs/intermixed"
+    assert rt.main(["toy_rein", "--run-dir", str(run), "--no-eval", "--no-progress", *SMALL,
+                    "--stop-at", "1", "train.seed=3"]) == 0
+    assert load_experiment(run / "config.yaml").train.seed == 3
+    capsys.readouterr()
+
+
+def test_log_has_no_duplicated_rows_after_a_resume(in_toy, monkeypatch):
+    run = in_toy / "runs/log_resume"
+    save = rt.save_checkpoint
+
+    def killed_at_3(run_dir, model, opt, step, exp, d):
+        if step == 3:
+            raise KeyboardInterrupt      # step 3 was logged, its checkpoint never written
+        save(run_dir, model, opt, step, exp, d)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(rt, "save_checkpoint", killed_at_3)
+        rt.train(_exp("toy_rein", "train.checkpoint_every=1"), run, progress=False,
+                 evaluate=False)
+    out = rt.train(_exp("toy_rein", "train.checkpoint_every=1"), run, progress=False,
+                   evaluate=False)
+    assert out["start_step"] == 2
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").open()] == [1, 2, 3, 4]
+
+
+def test_a_run_that_fails_to_start_leaves_no_directory(in_toy, capsys):
+    run = in_toy / "runs/never_started"
+    assert rt.main(["toy_rein", *SMALL, "data.source.root=nowhere/gta", "--run-dir",
+                    str(run)]) == 2
+    assert "nowhere/gta does not exist" in capsys.readouterr().err
+    assert not run.exists()
+    assert rt.main(["toy_rein", *SMALL, "data.targets.bdd100k.root=nowhere/bdd",  # found now,
+                    "--run-dir", str(run)]) == 2                 # not after the training
+    assert "nowhere/bdd" in capsys.readouterr().err and not run.exists()
