@@ -574,7 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         run = DiffusionRun(DiffusionConfig(), run_dir)
     if args.steps is not None:
         run.cfg.steps = args.steps
-    resumed = run.load()
+    try:
+        resumed = run.load()
+    except ValueError as e:         # a foreign, damaged or not weights-only state: one line
+        ap.exit(2, f"error: {e}\n")
     print(f"{'resumed at step ' + str(run.step) if resumed else 'new run'} "
           f"({run.cfg.steps} steps, {hardware()})", flush=True)
     if args.export:
