@@ -316,6 +316,14 @@ def test_overrides_after_options(in_toy, capsys):
     assert rt.main(["toy_rein", "--run-dir", str(run), "--no-eval", "--no-progress", *SMALL,
                     "--stop-at", "1", "train.seed=3"]) == 0
     assert load_experiment(run / "config.yaml").train.seed == 3
+    out = in_toy / "eval_intermixed"
+    assert evaluate_main(["toy_rein", "--checkpoint", str(run / rt.CHECKPOINT), "--targets",
+                          "cityscapes", "evaluate.crop=32", "--max-images", "1", "--out",
+                          str(out), "--no-progress", "--num-workers", "0",
+                          "evaluate.stride=16"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["targets"]) == {"cityscapes"}
+    assert (report["protocol"]["crop"], report["protocol"]["stride"]) == (32, 16)
     capsys.readouterr()
 
 
