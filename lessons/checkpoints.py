@@ -7,7 +7,7 @@ judge whether it still fits the code:
 - ``builder`` (``"lessons.<module>:<function>"``) and ``builder_kwargs`` (JSON): the function that
   builds the untrained model (frozen parts included, e.g. the committed toy VFM). Only the names
   in :data:`BUILDERS` are called, and only with keyword arguments of their signature whose JSON
-  values fit the annotation (a path, a module or a ``**kwargs`` cannot come from a header): a
+  values fit the annotation (a path or a module can only be null, ``**kwargs`` not given): a
   ``.safetensors`` file can hold tensors and choose among known models, nothing else;
 - ``toyworld_version``: a checkpoint trained on another ToyWorld version does not load;
 - ``lessons_modules`` / ``lessons_digest``: the code it was trained with (shown, not enforced:
@@ -92,9 +92,11 @@ def check_builder_kwargs(name: str, kwargs: object) -> dict:
         raise ValueError(f"builder_kwargs lack {required}, required by {name}")
     for key, value in kwargs.items():
         annotation = _annotation(params[key].annotation)
-        if not _settable(annotation):
+        if not _settable(annotation):             # a path or an object: null at most
+            if value is None and ("None", "") in _members(annotation):
+                continue
             raise ValueError(f"builder_kwargs.{key} of {name} is annotated {annotation!r}: such "
-                             "an argument cannot come from a checkpoint header")
+                             "an argument cannot come from a checkpoint header (null at most)")
         if not _fits(value, annotation):
             raise ValueError(f"builder_kwargs.{key} = {value!r} should be {annotation} "
                              f"(builder {name})")

@@ -56,6 +56,8 @@ def test_arguments_a_header_may_not_set():
     with pytest.raises(ValueError, match="teacher_weights .* cannot come from a checkpoint"):
         ck.check_builder_kwargs("lessons.querydiff:build_toy_querydiff",
                                 {"teacher_weights": "/etc/passwd"})
+    assert ck.check_builder_kwargs("lessons.querydiff:build_toy_querydiff",   # no file: fine
+                                   {"teacher_weights": None})
     with pytest.raises(ValueError, match=r"\['num_layers'\] are not arguments"):   # **overrides
         ck.check_builder_kwargs("lessons.catseg:build_toy_catseg", {"num_layers": 2})
     with pytest.raises(ValueError, match="should be tuple"):
