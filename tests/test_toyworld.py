@@ -132,7 +132,7 @@ def test_types_ranges_and_ignore(renders):
     for d, items in renders.items():
         for image, label, scene in items:
             assert image.dtype == np.float32 and image.shape == (3, *tw.DEFAULT_SIZE)
-            assert 0.0 <= image.min() and image.max() <= 1.0
+            assert image.min() >= 0.0 and image.max() <= 1.0
             assert set(np.unique(label).tolist()) <= allowed
             assert (label == IGNORE_INDEX).any() == (d in HOOD_DOMAINS), d
             np.testing.assert_array_equal(tw.rasterize(scene).label, label)
