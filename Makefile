@@ -28,7 +28,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
 lessons: setup
-	$(PY) -m reprod.notebooks --execute-to build/notebooks
+	$(PY) -m reprod.course.notebooks --execute-to build/notebooks
 
 test: setup
 	$(PY) -m pytest -n 2 --dist loadscope
@@ -37,14 +37,14 @@ test-fast: setup
 	$(PY) -m pytest tests -n 2
 
 notebooks: setup
-	$(PY) -m reprod.notebooks --in-place
+	$(PY) -m reprod.course.notebooks --in-place
 
 students: setup
-	$(PY) -m reprod.student_copies
+	$(PY) -m reprod.course.student_copies
 
 bench: setup
-	$(PY) -m reprod.bench_toyworld
-	$(PY) -m reprod.bench_ssm
+	$(PY) -m reprod.toy.bench_render
+	$(PY) -m reprod.course.bench_scan
 
 check-env: setup
 	$(PY) -m lessons.check_env

@@ -14,7 +14,7 @@ judge whether it still fits the code:
   the state dict loading strictly is what proves it still fits);
 - ``method``, ``seed``, ``train_config``, ``val_miou``, ``best_step``, ``seconds``, ``hardware``.
 
-``python -m reprod.toy_sweep`` writes them under ``lessons/weights/checkpoints/<lesson>/``.
+``python -m reprod.toy.sweep`` writes them under ``lessons/weights/checkpoints/<lesson>/``.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def load_lesson_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         raise ValueError(f"{path} is not a lesson checkpoint: its header lacks {missing}")
     if meta["toyworld_version"] != TOYWORLD_VERSION:
         raise ValueError(f"{path} was trained on ToyWorld {meta['toyworld_version']}, this is "
-                         f"{TOYWORLD_VERSION}: retrain it with `python -m reprod.toy_sweep`")
+                         f"{TOYWORLD_VERSION}: retrain it with `python -m reprod.toy.sweep`")
     model = build_model(meta["builder"], meta["builder_kwargs"])
     state = load_file(str(path))
     own = model.state_dict()
@@ -255,5 +255,5 @@ def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no lesson checkpoint at {path}: make it with "
-                                f"`python -m reprod.toy_sweep` (see lessons/weights/README.md)")
+                                f"`python -m reprod.toy.sweep` (see lessons/weights/README.md)")
     return path

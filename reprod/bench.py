@@ -12,7 +12,7 @@ the optimiser and the backward cover what the recipe trains) and synthetic GTAV-
 iterations / s, images / s, the peak memory (CUDA's allocator; the process's peak RSS on a CPU),
 the FLOPs of one step counted by ``torch.utils.flop_counter`` (forward + backward; the optimiser
 and data loading are not counted) and the achieved TFLOP/s, and the time the config's schedule
-(``train.steps``) would take at that speed, data loading excluded (``python -m reprod.pipelines
+(``train.steps``) would take at that speed, data loading excluded (``python -m reprod.data.pipelines
 bench`` measures that; the README adds the two). QueryDiff's teacher is Stable Diffusion 2.1's
 architecture with random weights.
 

@@ -7,13 +7,13 @@
         --targets cityscapes --max-images 8
 
 The config gives the model (its frozen parts from the local weight files it names), the target
-datasets and the protocol (:mod:`reprod.evaluate_core`: sliding window 512 / 341, Rein's
+datasets and the protocol (:mod:`reprod.protocols`: sliding window 512 / 341, Rein's
 1024 x 512 with half-size Mapillary, or tqdm / MFuser's full resolution). ``--checkpoint`` is
 ours (``final.safetensors`` or ``checkpoint.pt`` of ``reprod.train``) or, with ``--official``,
 a released ``.pth`` converted on the fly (:func:`lessons.mfuser.load_official_mfuser`,
 :func:`reprod.convert.load_official_rein_model`); the conversion report is printed and saved.
 Writes ``results.json`` and ``results.md`` (ours beside the paper's row of
-``reprod/paper_results.yaml``) into ``--out`` (default ``runs/<name>/eval-<checkpoint>``).
+``lessons/papers.yaml``) into ``--out`` (default ``runs/<name>/eval-<checkpoint>``).
 ``--max-images`` scores an evenly spread subset, marked as such in every table.
 """
 
@@ -29,14 +29,14 @@ import torch
 from torch import nn
 
 from lessons.checkpoints import trainable_state_dict
-from reprod.evaluate_core import (
+from reprod.experiment import Experiment, build_model, load_experiment, target_datasets
+from reprod.protocols import (
     evaluate_targets,
     get_protocol,
     paper_row,
     run_info,
     write_report,
 )
-from reprod.experiment import Experiment, build_model, load_experiment, target_datasets
 from reprod.safe_io import check_digest, load_safetensors_checked, load_weights_only
 
 OFFICIAL = ("rein", "mfuser")

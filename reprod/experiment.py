@@ -272,7 +272,7 @@ def parse_experiment(data: Mapping, path: str = "<dict>") -> Experiment:
 
 
 def _check_names(exp: Experiment) -> None:
-    from reprod.datasets import DATASETS
+    from reprod.data.datasets import DATASETS
     from reprod.models import BUILDERS
 
     if exp.model.builder not in BUILDERS:
@@ -355,7 +355,7 @@ def build_model(exp: Experiment, meta: bool = False, check: bool = True,
 
 
 def source_dataset(exp: Experiment, **kwargs):
-    from reprod.datasets import build_dataset
+    from reprod.data.datasets import build_dataset
 
     s = exp.data.source
     extra = {"labels": s.labels} if s.labels else {}
@@ -364,7 +364,7 @@ def source_dataset(exp: Experiment, **kwargs):
 
 def target_datasets(exp: Experiment, names: Sequence[str] | None = None) -> dict:
     """The target readers (``names``: a subset, in that order)."""
-    from reprod.datasets import build_dataset
+    from reprod.data.datasets import build_dataset
 
     names = list(names or exp.data.targets)
     unknown = [n for n in names if n not in exp.data.targets]

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from lessons import toyworld as tw
 from lessons.classes import CLASSES, NUM_CLASSES
-from reprod.datasets import (
+from reprod.data.datasets import (
     ACDC_CONDITIONS,
     DATASETS,
     EXPORT_DIRS,

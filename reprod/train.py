@@ -15,7 +15,7 @@ non-finite guard); this module adds what a multi-day run needs:
   over processes.
 - **Exact resumption**: ``checkpoint.pt`` holds the trained tensors, the optimiser, the step,
   every process's RNG states and the world size. The learning rate is a function of the step,
-  and the sample at stream position p depends only on (seed, p) (:mod:`reprod.pipelines`), so N
+  and the sample at stream position p depends only on (seed, p) (:mod:`reprod.data.pipelines`), so N
   steps + stop + N steps equals 2N steps bit for bit on the CPU (a test checks it). A resume
   refuses a config whose training differs; what is evaluated and where its data lie
   (``data.targets``, ``evaluate``, ``train.eval_every``, ``train.eval_max_images``) may change.
@@ -315,7 +315,7 @@ def run_info(exp: Experiment, d: Dist, argv: Sequence[str]) -> dict:
 # ----------------------------------------------------------------------------------------------
 def train_loader(exp: Experiment, d: Dist, start_step: int) -> DataLoader:
     """Batches of this process from stream position ``start_step * batch_size`` on."""
-    from reprod.pipelines import (
+    from reprod.data.pipelines import (
         PipelineConfig,
         RareClassSampler,
         StreamSampler,

@@ -1,4 +1,4 @@
-"""Tests of reprod.datasets: the label tables, each reader on small hand-made trees with the
+"""Tests of reprod.data.datasets: the label tables, each reader on small hand-made trees with the
 official naming and encodings, clear errors (missing roots, unpaired files, wrong sizes,
 out-of-range labels), and the ToyWorld export read back through the readers."""
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 from lessons import toyworld as tw
 from lessons.classes import CLASSES, PALETTE
-from reprod import datasets as D
+from reprod.data import datasets as D
 
 # the GTAV converter's map, as the notes give it (rein_tqdm.md PART D)
 NOTES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,

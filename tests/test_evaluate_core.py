@@ -1,4 +1,4 @@
-"""Tests of reprod.evaluate_core: the protocols' test sizes, the sliding-window counts, images
+"""Tests of reprod.protocols: the protocols' test sizes, the sliding-window counts, images
 smaller than the crop, exact mIoU of an oracle and of a constant model, Rein's half-size
 Mapillary, end to end on ToyWorld exports under both protocols, the report files, and errors."""
 
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
-from reprod import evaluate_core as E
-from reprod.datasets import build_dataset, export_toyworld
+from reprod import protocols as E
+from reprod.data.datasets import build_dataset, export_toyworld
 
 REIN, TQDM = E.PROTOCOLS["rein"], E.PROTOCOLS["tqdm"]
 CODE = 13            # the oracle's image encodes class k as the red value 13 * k

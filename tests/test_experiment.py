@@ -87,7 +87,7 @@ def test_configs_cover_the_issue():
 
 @pytest.mark.parametrize("name", list_configs())
 def test_paper_rows_exist(name):
-    from reprod.paper_results import get_table
+    from lessons.papers import get_table
 
     exp = load_experiment(name)
     if exp.paper is None:

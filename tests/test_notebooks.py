@@ -1,7 +1,7 @@
 """Static checks of the lesson notebooks (nbval executes them; this checks how they are kept).
 
-- committed outputs are fresh: made by ``python -m reprod.notebooks --in-place`` with the current
-  ``lessons`` code and ToyWorld version (the notebook metadata records both), run top to bottom;
+- committed outputs are fresh: made by ``python -m reprod.course.notebooks --in-place`` with the
+  current ``lessons`` code and ToyWorld version (the notebook metadata records both), run top to bottom;
 - files are clean under ``nbstripout --keep-output --keep-count``;
 - every lesson follows the notebook pattern: Colab badge and guarded install cell, goals, time,
   a summary, exercises with a solutions notebook, references;
@@ -16,7 +16,7 @@ import subprocess
 import nbformat
 import pytest
 
-from reprod.notebooks import (
+from reprod.course.notebooks import (
     NOTEBOOK_DIR,
     all_notebooks,
     imported_modules,
@@ -45,7 +45,8 @@ def test_there_are_notebooks():
 def test_outputs_are_fresh(path):
     reasons = stale_reasons(path)
     assert not reasons, (f"{path.name} is stale: {'; '.join(reasons)}. Regenerate with "
-                         f"`make notebooks` (python -m reprod.notebooks --in-place {path.name})")
+                         "`make notebooks` (python -m reprod.course.notebooks --in-place "
+                         f"{path.name})")
 
 
 @pytest.mark.parametrize("path", ALL, ids=_ids(ALL))

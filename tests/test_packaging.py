@@ -48,7 +48,7 @@ def test_wheel_installs_into_a_fresh_venv_and_ships_its_data(wheel, tmp_path):
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     probe = (
         "import importlib.resources as r, lessons, reprod\n"
-        "from reprod.paper_results import load_paper_results\n"
+        "from lessons.papers import load_paper_results\n"
         "from lessons.toyworld import ToyWorld\n"
         "print(lessons.__file__)\n"
         "assert (r.files('lessons') / 'weights' / 'README.md').is_file()\n"
@@ -64,10 +64,10 @@ def test_wheel_lists_the_package_data(wheel):
     import zipfile
 
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("lessons/weights/README.md", "reprod/paper_results.yaml",
+    for expected in ("lessons/weights/README.md", "lessons/papers.yaml",
                      "lessons/weights/checkpoints/toy_sweep.json",
                      "lessons/weights/checkpoints/02_rein/rein_seed0.safetensors",
-                     "lessons/toyworld.py", "reprod/notebooks.py",
+                     "lessons/toyworld.py", "reprod/course/notebooks.py",
                      "reprod/configs/rein_dinov2_gtav.yaml", "reprod/configs/_gtav_rein.yaml"):
         assert expected in names, expected
 

@@ -1,4 +1,4 @@
-"""Tests of reprod.paper_results: the shipped published-results YAML and its validator."""
+"""Tests of lessons.papers: the shipped published-results YAML and its validator."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reprod.paper_results import (
+from lessons.papers import (
     PAPERS,
     Table,
     get_table,

@@ -1,4 +1,5 @@
-"""Tests of reprod.pipelines: mmseg's resize sizes (Rein's short-side choice with its cap, tqdm's
+"""Tests of reprod.data.pipelines: mmseg's resize sizes (Rein's short-side choice with its cap,
+tqdm's
 ratio of the native size), bilinear/nearest resampling against torch, the cat_max crop rule and its
 fall-back, flip, padding that normalises to 0, the position-indexed stream (determinism, disjoint
 DDP ranks), rare-class sampling from the stats files, config errors and the bench command."""
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from reprod import datasets as D
-from reprod import pipelines as P
+from reprod.data import datasets as D
+from reprod.data import pipelines as P
 from reprod.prepare_data import class_stats, rcs_probabilities, write_stats
 
 GTAV = (1052, 1914)          # (H, W)
@@ -206,7 +207,8 @@ def test_photometric_output_stays_in_unit_range_and_defaults_pad_by_kind():
 
 
 def test_pad_means_match_lessons_backbones():
-    """The means are repeated in reprod.pipelines to avoid importing open_clip; keep them equal."""
+    """The means are repeated in reprod.data.pipelines to avoid importing open_clip; keep them
+    equal."""
     source = (Path(__file__).resolve().parents[1] / "lessons" / "backbones.py").read_text()
     values = {t.id: ast.literal_eval(node.value) for node in ast.parse(source).body
               if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)

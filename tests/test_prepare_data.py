@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reprod import datasets as D
 from reprod import prepare_data as P
+from reprod.data import datasets as D
 
 
 def _save(path: Path, array: np.ndarray) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from lessons import querydiff as qd
-from reprod.pretrain_diffusion import DiffusionConfig, DiffusionProbe, DiffusionRun, make_batch
+from reprod.toy.diffusion import DiffusionConfig, DiffusionProbe, DiffusionRun, make_batch
 
 TINY = dict(steps=3, batch_size=4, warmup_steps=1)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lessons import toyworld as tw
-from reprod.pretrain_toy import (
+from reprod.toy.pretrain import (
     DINOHead,
     VFMConfig,
     VFMRun,
@@ -151,7 +151,7 @@ def test_unknown_objective(tmp_path):
 
 
 def test_dense_nce_prefers_the_matching_scene_point():
-    from reprod.pretrain_toy import dense_nce
+    from reprod.toy.pretrain import dense_nce
 
     torch.manual_seed(0)
     box = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]).repeat(4, 1)
@@ -163,7 +163,7 @@ def test_dense_nce_prefers_the_matching_scene_point():
 
 
 def test_vicreg_terms_punish_collapse_and_redundancy():
-    from reprod.pretrain_toy import vicreg_terms
+    from reprod.toy.pretrain import vicreg_terms
 
     torch.manual_seed(0)
     spread = 1.5 * torch.randn(4, 64, 8)
@@ -177,7 +177,7 @@ def test_vicreg_terms_punish_collapse_and_redundancy():
 
 
 def test_dense_vicreg_invariance_is_zero_for_matching_embeddings():
-    from reprod.pretrain_toy import dense_vicreg
+    from reprod.toy.pretrain import dense_vicreg
 
     box = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]).repeat(2, 1)
     grid, valid = correspondence(box, box, 4, 8)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from lessons import toyworld as tw
-from reprod.pretrain_vlm import VLMConfig, VLMRun, clip_loss, make_batch
+from reprod.toy.vlm import VLMConfig, VLMRun, clip_loss, make_batch
 
 TINY = dict(steps=3, batch_size=4, warmup_steps=1)
 

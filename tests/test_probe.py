@@ -7,7 +7,7 @@ import torch
 
 from lessons.backbones import build_encoder
 from lessons.probe import LinearProbe
-from reprod.toy_gate import GATE_TARGETS, check_gate
+from reprod.toy.gates import GATE_TARGETS, check_gate
 
 
 def test_probe_shapes_and_only_the_head_trains():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reprod.notebooks import tool_path
+from reprod.course.notebooks import tool_path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FILE_BYTES = 1 << 20   # 1 MiB: notebooks keep small figures; weights have their own budget

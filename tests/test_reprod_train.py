@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import reprod.train as rt
-from reprod.datasets import export_toyworld
+from reprod.data.datasets import export_toyworld
 from reprod.evaluate import main as evaluate_main
 from reprod.experiment import load_experiment
 from reprod.prepare_data import main as prepare_data

@@ -1,5 +1,5 @@
 """reprod.safe_io: atomic writes, weights-only loads that name the file, digests, the run lock;
-and the pretraining runs' resume (reprod.resumable, reprod.pretrain_toy) on files that cannot be
+and the pretraining runs' resume (reprod.toy.resumable, reprod.toy.pretrain) on files that cannot be
 trusted."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from reprod import safe_io
-from reprod.resumable import ResumableRun
+from reprod.toy.resumable import ResumableRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_resumable_run_state_problems_name_the_file(tmp_path):
 
 
 def test_pretrain_toy_resume_of_a_bad_state_is_one_line(tmp_path, capsys):
-    from reprod import pretrain_toy
+    from reprod.toy import pretrain as pretrain_toy
 
     state = tmp_path / "vfm_state.pt"
     torch.save({"cfg": {}, "model": NotWeights()}, state)

@@ -129,7 +129,7 @@ def test_checkpoint_header_problems_are_named(tmp_path):
                                  _meta(toyworld_version="0.9"))
     with pytest.raises(ValueError, match="ToyWorld 0.9"):
         load_lesson_checkpoint(old)
-    with pytest.raises(FileNotFoundError, match="reprod.toy_sweep"):
+    with pytest.raises(FileNotFoundError, match="reprod.toy.sweep"):
         load_lesson_checkpoint(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="not a readable safetensors"):

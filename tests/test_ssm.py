@@ -26,7 +26,7 @@ from lessons.ssm import (
     selective_scan_fast,
     selective_scan_ref,
 )
-from reprod.bench_ssm import make_inputs, mambapy_scan, to_mambapy_layout
+from reprod.course.bench_scan import make_inputs, mambapy_scan, to_mambapy_layout
 
 KW = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

@@ -1,4 +1,4 @@
-"""The student copies in notebooks/students/ (made by ``python -m reprod.student_copies``).
+"""The student copies in notebooks/students/ (made by ``python -m reprod.course.student_copies``).
 
 - the committed copies are what the generator makes now from the solutions and the lessons;
 - each has one TODO cell per item of its lesson's ``## Exercises`` list, and no solution code;
@@ -16,8 +16,8 @@ import subprocess
 import nbformat
 import pytest
 
-from reprod import student_copies as sc
-from reprod.notebooks import NOTEBOOK_DIR, tool_path
+from reprod.course import student_copies as sc
+from reprod.course.notebooks import NOTEBOOK_DIR, tool_path
 
 SOLUTIONS = sc.all_solutions()
 COPIES = [sc.student_path(p) for p in SOLUTIONS]

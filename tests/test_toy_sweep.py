@@ -1,4 +1,4 @@
-"""Tests of reprod.toy_sweep (a tiny sweep end to end, resuming, the table) and of the committed
+"""Tests of reprod.toy.sweep (a tiny sweep end to end, resuming, the table) and of the committed
 lesson checkpoints and results it made (they load, fit the code and re-measure as recorded)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 from lessons import toyworld as tw
 from lessons.checkpoints import CHECKPOINT_DIR, load_lesson_checkpoint, read_metadata
 from lessons.train import evaluate
-from reprod import toy_sweep
-from reprod.toy_sweep import METHODS, RESULTS_FILE, load_results, markdown_table, summary
+from reprod.toy import sweep as toy_sweep
+from reprod.toy.sweep import METHODS, RESULTS_FILE, load_results, markdown_table, summary
 
 
 def test_a_tiny_sweep_writes_checkpoints_and_results_and_resumes(tmp_path, capsys):
@@ -55,7 +55,7 @@ def test_every_method_has_results_for_every_benchmark_seed():
     for method, spec in METHODS.items():
         for seed in spec.seeds or tw.TOY_BENCHMARK["seeds"]:
             rec = runs.get(f"{method}/seed{seed}")
-            assert rec is not None, f"{method}/seed{seed} missing: run python -m reprod.toy_sweep"
+            assert rec is not None, f"{method}/seed{seed} missing: run python -m reprod.toy.sweep"
             assert rec["toyworld_version"] == tw.TOYWORLD_VERSION
             # the same budget for every method, up to its own recipe (e.g. CAT-Seg's clipping)
             assert rec["train_config"] == (runs["frozen/seed0"]["train_config"] | spec.train

@@ -10,7 +10,7 @@ import torch
 
 from lessons import toyworld as tw
 from lessons.backbones import WEIGHTS_DIR, build_encoder, create_model
-from reprod.resumable import sha256
+from reprod.toy.resumable import sha256
 
 MODELS = ("toy_vfm", "toy_vlm", "toy_diffusion")
 
@@ -67,7 +67,7 @@ def test_a_gate_figure_re_measured_small():
 
 @torch.no_grad()
 def test_the_vlm_names_crops_zero_shot_and_segments_above_a_random_clip():
-    from reprod.pretrain_vlm import crop_classification
+    from reprod.toy.vlm import crop_classification
 
     crops = crop_classification(create_model("toy_vlm", WEIGHTS_DIR).eval(), n=80)
     assert crops["crop_top1"] > 0.5 > 5 * crops["chance"], crops     # card: 88% on 400 scenes
@@ -81,7 +81,7 @@ def test_the_diffusion_teacher_denoises_and_its_probe_beats_a_random_unet():
     """The committed DDPM predicts the noise at t_s far better than a random-init U-Net (the
     DDPM loss on 16 held-out scenes), and its card's layout probe beats the random one."""
     from lessons import querydiff as qd
-    from reprod.pretrain_diffusion import DiffusionConfig, make_batch
+    from reprod.toy.diffusion import DiffusionConfig, make_batch
 
     x = 2 * make_batch(10_000, DiffusionConfig(batch_size=16, seed=1)) - 1      # unseen seed
     g = torch.Generator().manual_seed(0)

@@ -1,19 +1,30 @@
-"""Pretrain the course's toy foundation models on ToyWorld, resumably, in short chunks.
+"""Pretrain the course's toy foundation models on ToyWorld's web world, resumably, in chunks.
 
-    python -m reprod.pretrain_toy vfm --until-done           # train (or resume) the toy VFM
-    python -m reprod.pretrain_toy vfm --export --card        # fp16 safetensors + model card
-    python -m reprod.pretrain_toy vlm --until-done           # the toy CLIP (reprod.pretrain_vlm)
-    python -m reprod.pretrain_toy diffusion --until-done     # QueryDiff's toy DDPM
-                                                             # (reprod.pretrain_diffusion)
+    python -m reprod.toy.pretrain vfm --until-done           # train (or resume) the toy VFM
+    python -m reprod.toy.pretrain vfm --export --card        # fp16 safetensors + model card
+    python -m reprod.toy.pretrain vfm_invariant --until-done # the "invariance taught" contrast
+    python -m reprod.toy.pretrain vlm --until-done           # the toy CLIP (reprod.toy.vlm)
+    python -m reprod.toy.pretrain diffusion --until-done     # QueryDiff's toy DDPM
+                                                             # (reprod.toy.diffusion)
+    ... --device cuda                                        # on a GPU (bf16 autocast)
+
+Every model learns from ToyWorld's ``web`` world, the pretraining world that is not the
+benchmark: broad content in covered families or random looks (``lessons.toyworld``; never the
+source's ``rendered`` family, ``streetview``'s ``mapillary`` family or the painted style).
 
 **Toy VFM** (``toy_vfm`` bundle: timm ViT, patch 8 at 64x128, d192 x 6, 4 registers), trained
-self-supervised with **no segmentation labels**. Every step draws scene pairs:
+self-supervised with **no segmentation labels**, like DINOv2: it learns generic invariances only.
+Every step draws scene pairs:
 
-- two views of one scene, each rendered in an independently sampled ``random`` style (with
-  probability ``p_same_style`` in the same style: the headroom knob), each with its *own* random
-  resized crop and flip (:func:`make_batch`); :func:`correspondence` says where every patch
-  centre of one view lies in the other, so a patch's target is "the same scene point, another
-  style, another scale";
+- two views of one web render in **one look** (``p_same_style=1``: never a view of one look
+  paired with a view of another), each with its *own* random resized crop and flip and DINOv2's
+  photometric augmentations (colour jitter, grayscale, blur; :func:`photometric`);
+  :func:`correspondence` says where every patch centre of one view lies in the other, so a
+  patch's target is "the same scene point, another crop, another colour jitter";
+- the **invariance-taught** contrast (``toy_vfm_invariant``, world 1's recipe on world 2's
+  data): the two views are two independently drawn web looks of the same scene (with
+  probability ``p_same_style`` = 0.2 the same look), so the model is *told* that a scene point
+  is the same under any material, palette, lighting or weather;
 - ``objective`` picks the loss on those corresponding patches:
 
   * ``"vicreg"`` (default): dense VICReg (Bardes et al. 2022; VICRegL's local term with exact
@@ -62,7 +73,7 @@ from torch import nn
 
 from lessons import toyworld as tw
 from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder, get_bundle
-from reprod.resumable import ResumableRun, card_facts, hardware, write_card_files
+from reprod.toy.resumable import ResumableRun, card_facts, hardware, write_card_files
 
 RUN_DIR = Path("runs/pretrain_toy")             # + /vfm, /vlm or /diffusion
 
@@ -89,7 +100,8 @@ class VFMConfig:
     center_momentum: float = 0.9
     mask_ratio: tuple[float, float] = (0.0, 0.4)
     ibot_weight: float = 1.0
-    p_same_style: float = 0.2         # headroom: pairs sharing one style teach no invariance
+    p_same_style: float = 1.0         # 1: one look per pair (generic); < 1: cross-look pairs
+    jitter: bool = True               # DINOv2's colour jitter, grayscale and blur per view
     crop_scale: tuple[float, float] = (0.3, 1.0)
     min_overlap: float = 0.3          # of a view's patches that must see the other view's crop
     grad_clip: float = 3.0
@@ -103,6 +115,7 @@ class VFMConfig:
 
 
 OBJECTIVES = ("vicreg", "dino_ibot", "nce", "dino_ibot_nce")
+INVARIANT_P_SAME = 0.2                # the invariance-taught contrast: 80% cross-look pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,16 +123,45 @@ OBJECTIVES = ("vicreg", "dino_ibot", "nce", "dino_ibot_nce")
 # ----------------------------------------------------------------------------------------------
 def render_pair(seed_words: list[int], cfg: VFMConfig, size=tw.DEFAULT_SIZE
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Two (3, H, W) views of one scene: independent random styles, identical geometry."""
+    """Two (3, H, W) renders of one web scene: one look (generic), or with probability
+    ``1 - p_same_style`` two independently drawn looks (invariance taught)."""
     rng = np.random.default_rng(seed_words)
-    scene = tw.draw_scene(rng, "random")
-    label, shade = tw.rasterize(scene, size)
-    hz = scene.camera.horizon * size[0]
-    style_a = tw.sample_style("random", rng)
-    style_b = style_a if rng.random() < cfg.p_same_style else tw.sample_style("random", rng)
-    a = tw.stylize(label, shade, style_a, rng, hz)
-    b = tw.stylize(label, shade, style_b, rng, hz)
-    return a, b
+    raster = tw.rasterize(tw.draw_scene(rng, "web"), size)
+    style_a = tw.sample_style("web", rng)
+    a = tw.stylize(raster, style_a, rng)
+    if rng.random() < cfg.p_same_style:
+        return a, a
+    return a, tw.stylize(raster, tw.sample_style("web", rng), rng)
+
+
+_GREY = torch.full((3,), 3 ** -0.5)
+
+
+def _hue_rotation(angle: float) -> torch.Tensor:
+    """(3, 3) rotation of RGB about the grey axis by ``angle`` radians (a hue shift)."""
+    k = torch.tensor([[0.0, -_GREY[2], _GREY[1]], [_GREY[2], 0.0, -_GREY[0]],
+                      [-_GREY[1], _GREY[0], 0.0]])                     # cross-product matrix
+    return (math.cos(angle) * torch.eye(3) + math.sin(angle) * k
+            + (1 - math.cos(angle)) * torch.outer(_GREY, _GREY))
+
+
+def photometric(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """DINOv2's per-view photometric augmentations on a (3, H, W) view in [0, 1]: colour jitter
+    (brightness, contrast, saturation 0.4, hue 0.1) with p 0.8, grayscale p 0.2, blur p 0.5."""
+    x = view
+    if rng.random() < 0.8:
+        b, c, s = rng.uniform(0.6, 1.4, 3)
+        x = x * float(b)
+        mean = x.mean()
+        x = (x - mean) * float(c) + mean
+        grey = x.mean(0, keepdim=True)
+        x = grey + (x - grey) * float(s)
+        x = torch.einsum("ij,jhw->ihw", _hue_rotation(rng.uniform(-0.1, 0.1) * 2 * math.pi), x)
+    if rng.random() < 0.2:
+        x = x.mean(0, keepdim=True).expand(3, -1, -1)
+    if rng.random() < 0.5:
+        x = F.avg_pool2d(x[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+    return x.clamp(0, 1)
 
 
 def sample_box(rng: np.random.Generator, cfg: VFMConfig) -> np.ndarray:
@@ -140,8 +182,8 @@ def correspondence(box_s: torch.Tensor, box_t: torch.Tensor, h: int, w: int
     coordinates in [-1, 1] for ``F.grid_sample(..., align_corners=False)``, and ``valid``
     (B, h*w), true where the patch centre falls inside view t's crop.
     """
-    v = (torch.arange(h) + 0.5) / h                                   # (h,) view-s rows
-    u = (torch.arange(w) + 0.5) / w                                   # (w,) view-s columns
+    v = (torch.arange(h, device=box_s.device) + 0.5) / h             # (h,) view-s rows
+    u = (torch.arange(w, device=box_s.device) + 0.5) / w             # (w,) view-s columns
     v, u = torch.meshgrid(v, u, indexing="ij")                        # (h, w)
 
     def unflip(coord: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -191,8 +233,11 @@ def make_batch(step: int, cfg: VFMConfig, size=tw.DEFAULT_SIZE
                 break
         else:
             box_b = box_a.copy()
-        views_a.append(_cut(a, box_a, size))
-        views_b.append(_cut(b, box_b, size))
+        view_a, view_b = _cut(a, box_a, size), _cut(b, box_b, size)
+        if cfg.jitter:
+            view_a, view_b = photometric(view_a, rng), photometric(view_b, rng)
+        views_a.append(view_a)
+        views_b.append(view_b)
         boxes_a.append(box_a)
         boxes_b.append(box_b)
     return (torch.stack(views_a), torch.stack(views_b),
@@ -449,28 +494,30 @@ class VFMRun(ResumableRun):
 
     name = "vfm"
 
-    def __init__(self, cfg: VFMConfig, run_dir: str | Path):
-        super().__init__(cfg, run_dir)
+    def __init__(self, cfg: VFMConfig, run_dir: str | Path, device: str | None = None,
+                 bundle: str = "toy_vfm"):
+        super().__init__(cfg, run_dir, device)
+        self.bundle = bundle
         torch.manual_seed(cfg.seed)
-        self.student = SSLNet(build_encoder("toy_vfm"), cfg.prototypes, cfg.cls_prototypes,
-                              expander_dim=cfg.expander_dim)
-        self.teacher = SSLNet(build_encoder("toy_vfm"), cfg.prototypes, cfg.cls_prototypes,
-                              expander_dim=cfg.expander_dim)
+        self.student = SSLNet(build_encoder(bundle), cfg.prototypes, cfg.cls_prototypes,
+                              expander_dim=cfg.expander_dim).to(self.device)
+        self.teacher = SSLNet(build_encoder(bundle), cfg.prototypes, cfg.cls_prototypes,
+                              expander_dim=cfg.expander_dim).to(self.device)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.model = self.student
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
-        self.centers = {"cls": torch.zeros(cfg.cls_prototypes),
-                        "patch": torch.zeros(cfg.prototypes)}
+        self.centers = {"cls": torch.zeros(cfg.cls_prototypes, device=self.device),
+                        "patch": torch.zeros(cfg.prototypes, device=self.device)}
 
     def state_modules(self) -> dict:
         return {"student": self.student, "teacher": self.teacher, "opt": self.opt,
                 "centers": self.centers}
 
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return ssl_losses(self.student, self.teacher, make_batch(step, self.cfg), self.centers,
-                          self.cfg, step)
+        batch = tuple(t.to(self.device) for t in make_batch(step, self.cfg))
+        return ssl_losses(self.student, self.teacher, batch, self.centers, self.cfg, step)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -479,11 +526,11 @@ class VFMRun(ResumableRun):
             pt.mul_(m).add_(ps.detach(), alpha=1 - m)
 
     def export(self, path: Path | None = None) -> Path:
-        """The teacher's backbone as fp16 safetensors loadable by the ``toy_vfm`` bundle."""
+        """The teacher's backbone as fp16 safetensors loadable by its bundle."""
         from safetensors.torch import save_file
 
-        path = Path(path or WEIGHTS_DIR / get_bundle("toy_vfm").weights)
-        state = {k: v.half().contiguous()
+        path = Path(path or WEIGHTS_DIR / get_bundle(self.bundle).weights)
+        state = {k: v.half().contiguous().cpu()
                  for k, v in self.teacher.encoder.vit.state_dict().items()}
         save_file(state, str(path), metadata={"toyworld_version": self.cfg.toyworld_version,
                                               "steps": str(self.step)})
@@ -511,7 +558,7 @@ def write_card(run: VFMRun, gate: dict | None, weights: Path) -> Path:
         "A DINOv2-style ViT for ToyWorld: timm `VisionTransformer`, patch 8 at 64x128, width 192,",
         f"6 blocks, 3 heads, 4 registers, LayerScale 0.1 ({n_params:,} parameters), fp16.", "",
         "## Training", "",
-        "Self-supervised, **no segmentation labels** (`python -m reprod.pretrain_toy vfm`): two",
+        "Self-supervised, **no segmentation labels** (`python -m reprod.toy.pretrain vfm`): two",
         "views of one scene in independently sampled `random` styles, each with its own crop and",
         f"flip; objective `{run.cfg.objective}`: {OBJECTIVE_TEXT[run.cfg.objective]}. The",
         "weights are the EMA of the trained network.", "",
@@ -526,7 +573,7 @@ def write_card(run: VFMRun, gate: dict | None, weights: Path) -> Path:
         "  other targets' looks lie inside the pretraining distribution.", ""]
     if gate:
         g = gate["gate"]
-        lines += ["## Measured (`python -m reprod.toy_gate`)", "",
+        lines += ["## Measured (`python -m reprod.toy.gates`)", "",
                   "mIoU (%) after training on `synthetic` only, 300 steps x 16 each, 200 test",
                   "scenes per domain:", "", "```", domain_table(gate["results"]), "```", "",
                   "Gate, means over the real-looking and adverse targets (citylike, dashcam,",
@@ -540,7 +587,7 @@ def write_card(run: VFMRun, gate: dict | None, weights: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=["vfm", "vlm", "diffusion"])
+    ap.add_argument("model", choices=["vfm", "vfm_invariant", "vlm", "diffusion"])
     ap.add_argument("--run-dir", type=Path, default=None,
                     help="where the run state lives (default: runs/pretrain_toy/<model>)")
     ap.add_argument("--chunk-minutes", type=float, default=9.0)
@@ -554,24 +601,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="where --export writes (default: lessons/weights/<bundle weights>)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or RUN_DIR / args.model
-    if args.model == "vfm":
-        cfg = VFMConfig()
+    if args.model in ("vfm", "vfm_invariant"):
+        cfg = VFMConfig() if args.model == "vfm" else VFMConfig(p_same_style=INVARIANT_P_SAME)
         for key in ("p_same_style", "objective"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
-        run: ResumableRun = VFMRun(cfg, run_dir)
+        bundle = "toy_vfm" if args.model == "vfm" else "toy_vfm_invariant"
+        run: ResumableRun = VFMRun(cfg, run_dir, args.device, bundle)
     elif args.model == "vlm":
-        from reprod.pretrain_vlm import VLMConfig, VLMRun
+        from reprod.toy.vlm import VLMConfig, VLMRun
 
-        run = VLMRun(VLMConfig(), run_dir)
+        run = VLMRun(VLMConfig(), run_dir, args.device)
     else:
-        from reprod.pretrain_diffusion import DiffusionConfig, DiffusionRun
+        from reprod.toy.diffusion import DiffusionConfig, DiffusionRun
 
-        run = DiffusionRun(DiffusionConfig(), run_dir)
+        run = DiffusionRun(DiffusionConfig(), run_dir, args.device)
     if args.steps is not None:
         run.cfg.steps = args.steps
     try:
@@ -599,17 +648,17 @@ def _measure_and_card(run: ResumableRun, weights: Path) -> Path:
     """Measure exported weights (the gate for the VFM, retrieval and zero-shot for the VLM, the
     layout probe for the diffusion teacher) and write the card beside them."""
     if run.name == "diffusion":
-        from reprod import pretrain_diffusion
+        from reprod.toy import diffusion as pretrain_diffusion
 
         return pretrain_diffusion.write_card(run, pretrain_diffusion.layout_probe(weights),
                                              weights)
     if isinstance(run, VFMRun):
-        from reprod.toy_gate import check_gate, gate_results
+        from reprod.toy.gates import check_gate, gate_results
 
         results = gate_results(weights)
         return write_card(run, {"results": results, "gate": check_gate(results)}, weights)
-    from reprod.pretrain_vlm import measure
-    from reprod.pretrain_vlm import write_card as write_vlm_card
+    from reprod.toy.vlm import measure
+    from reprod.toy.vlm import write_card as write_vlm_card
 
     return write_vlm_card(run, measure(weights), weights)
 

@@ -1,14 +1,15 @@
 """The toy diffusion teacher: a small diffusers DDPM trained on ToyWorld for QueryDiff's lesson.
 
-    python -m reprod.pretrain_toy diffusion --until-done      # train (or resume), in chunks
-    python -m reprod.pretrain_toy diffusion --export --card   # fp16 safetensors + model card
+    python -m reprod.toy.pretrain diffusion --until-done      # train (or resume), in chunks
+    python -m reprod.toy.pretrain diffusion --export --card   # fp16 safetensors + model card
 
-**Model.** ``lessons.querydiff.TOY_UNET``: a diffusers ``UNet2DModel`` on 32x64 RGB pixels (no
+**Model.** ``lessons.querydiff.TOY_UNET``: a diffusers ``UNet2DModel`` on 64x128 RGB pixels (no
 VAE: the images are small), DDPM's linear schedule (betas 1e-4 -> 0.02, 1000 steps).
 
-**Data.** Scenes drawn with the ``random`` camera prior and rendered in ``random`` styles (the
-wide style sampler: never the held-out ``streetview`` palette family or the painted style), at
-64x128 then area-downsampled to 32x64, randomly flipped, scaled to [-1, 1]. No labels.
+**Data.** Broader than the student's, as Stable Diffusion's LAION-5B is broader than any
+segmentation backbone's data: scenes of ToyWorld's ``web`` world in web looks, and in one image
+of ``painted_fraction`` the painted style (Stable Diffusion saw paintings; the toy VFM and VLM
+never see the painted family), randomly flipped, scaled to [-1, 1]. No labels.
 
 **Loss.** The DDPM objective (Ho et al. 2020, "simple" loss): t uniform in 0..999, ``z_t =
 sqrt(ab_t) x + sqrt(1 - ab_t) eps``, mean squared error between eps and the U-Net's prediction.
@@ -44,7 +45,7 @@ from lessons.querydiff import (
     toy_scheduler,
     toy_timesteps,
 )
-from reprod.resumable import ResumableRun, card_facts, write_card_files
+from reprod.toy.resumable import ResumableRun, card_facts, write_card_files
 
 
 @dataclass
@@ -58,6 +59,7 @@ class DiffusionConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema: float = 0.995
+    painted_fraction: float = 0.2     # images in the painted style (outside the VFM's data)
     grad_clip: float = 1.0
     bf16: bool = True                 # autocast matmuls to bfloat16 (AMX CPUs, GPUs)
     seed: int = 0
@@ -65,14 +67,15 @@ class DiffusionConfig:
 
 
 def make_batch(step: int, cfg: DiffusionConfig) -> torch.Tensor:
-    """The step's images (B, 3, 32, 64) in [0, 1]: ``random`` scenes in ``random`` styles."""
+    """The step's images (B, 3, 64, 128) in [0, 1]: web scenes, a fraction of them painted."""
     images = []
     for k in range(cfg.batch_size):
-        words = [cfg.seed, 13, step, k]
-        img, _ = tw.render_sample(words, "random")                              # (3, 64, 128)
-        x = torch.from_numpy(img)
-        images.append(x.flip(-1) if np.random.default_rng(words).random() < 0.5 else x)
-    return F.interpolate(torch.stack(images), size=TOY_IMAGE_SIZE, mode="area")
+        rng = np.random.default_rng([cfg.seed, 13, step, k])
+        raster = tw.rasterize(tw.draw_scene(rng, "web"), TOY_IMAGE_SIZE)
+        look = "painted" if rng.random() < cfg.painted_fraction else "web"
+        x = torch.from_numpy(tw.stylize(raster, tw.sample_style(look, rng), rng))
+        images.append(x.flip(-1) if rng.random() < 0.5 else x)
+    return torch.stack(images)
 
 
 class DiffusionRun(ResumableRun):
@@ -80,10 +83,9 @@ class DiffusionRun(ResumableRun):
 
     name = "diffusion"
 
-    def __init__(self, cfg: DiffusionConfig, run_dir: str | Path):
-        super().__init__(cfg, run_dir)
+    def __init__(self, cfg: DiffusionConfig, run_dir: str | Path, device: str | None = None):
+        super().__init__(cfg, run_dir, device)
         torch.manual_seed(cfg.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_toy_unet(None).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.scheduler = toy_scheduler()
@@ -114,7 +116,7 @@ class DiffusionRun(ResumableRun):
         from safetensors.torch import save_file
 
         path = Path(path or TOY_DIFFUSION_WEIGHTS)
-        state = {k: v.half().contiguous() for k, v in self.ema.state_dict().items()}
+        state = {k: v.half().contiguous().cpu() for k, v in self.ema.state_dict().items()}
         save_file(state, str(path), metadata={"toyworld_version": self.cfg.toyworld_version,
                                               "steps": str(self.step)})
         return path
@@ -192,7 +194,7 @@ def write_card(run: DiffusionRun, measured: dict | None, weights: Path) -> Path:
         "on 32x64 RGB pixels (no VAE), blocks 32/64/64, one resnet per block, attention at",
         f"8x16 ({n_params:,} parameters), fp16, DDPM's linear schedule (1e-4 -> 0.02, 1000).", "",
         "## Training", "",
-        "The DDPM noise-prediction loss (`python -m reprod.pretrain_toy diffusion`) on",
+        "The DDPM noise-prediction loss (`python -m reprod.toy.pretrain diffusion`) on",
         "`random`-style renders (64x128, area-downsampled to 32x64, random flip); no labels.",
         "The weights are the EMA of the trained network.", "",
         f"- steps: {run.step} of {run.cfg.steps}, batch {run.cfg.batch_size}, lr {run.cfg.lr},"
@@ -207,7 +209,7 @@ def write_card(run: DiffusionRun, measured: dict | None, weights: Path) -> Path:
         f"schedule the same noise levels are **t_w = {t_w}** and **t_s = {t_s}**",
         "(`lessons.querydiff.toy_timesteps`).", ""]
     if measured:
-        lines += ["## Measured: layout probe (`python -m reprod.pretrain_toy diffusion --export "
+        lines += ["## Measured: layout probe (`python -m reprod.toy.pretrain diffusion --export "
                   "--card`)", "",
                   "mIoU (%) of a linear probe (BatchNorm + 1x1 conv) on the hooked up-block",
                   "features, resized to 16x32, trained 300 steps x 16 on `synthetic` only, 200",

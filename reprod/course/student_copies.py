@@ -1,8 +1,8 @@
 """Student copies of the lesson notebooks: the solutions notebooks with the solutions taken out.
 
-    python -m reprod.student_copies              # (re)write notebooks/students/ (make students)
-    python -m reprod.student_copies --check      # exit 1 if a committed copy is stale or missing
-    python -m reprod.student_copies --execute    # run each copy up to its first TODO, timed
+    python -m reprod.course.student_copies          # (re)write notebooks/students/ (make students)
+    python -m reprod.course.student_copies --check  # exit 1 if a copy is stale or missing
+    python -m reprod.course.student_copies --execute    # run each copy up to its first TODO, timed
 
 For every ``notebooks/solutions/NN_<name>_solutions.ipynb`` this writes
 ``notebooks/students/NN_<name>_student.ipynb``, made of
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import nbformat
 
-from reprod.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env, run_in_kernel
+from reprod.course.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env, run_in_kernel
 
 SOLUTIONS_DIR = NOTEBOOK_DIR / "solutions"
 STUDENTS_DIR = NOTEBOOK_DIR / "students"
@@ -267,7 +267,7 @@ def setup_source(path: Path) -> str:
 _RUN_SETUPS = """
 import os, sys, time
 from pathlib import Path
-from reprod.student_copies import setup_source
+from reprod.course.student_copies import setup_source
 for arg in sys.argv[1:]:
     path = Path(arg)
     os.chdir(path.parent)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             for p, why in bad.items():
                 print(f"STALE {_rel(p)}: {why}")
             if bad:
-                print("regenerate with `make students` (python -m reprod.student_copies)")
+                print("regenerate with `make students` (python -m reprod.course.student_copies)")
             else:
                 print(f"{len(all_solutions())} student copies are fresh")
             return 1 if bad else 0

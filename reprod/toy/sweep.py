@@ -1,8 +1,8 @@
 """The toy sweep: train every lesson model on ToyWorld, write lesson checkpoints, tabulate results.
 
-    python -m reprod.toy_sweep                              # every method, seeds 0 1 2
-    python -m reprod.toy_sweep --methods rein --seeds 0     # one run
-    python -m reprod.toy_sweep --table                      # print the results table only
+    python -m reprod.toy.sweep                              # every method, seeds 0 1 2
+    python -m reprod.toy.sweep --methods rein --seeds 0     # one run
+    python -m reprod.toy.sweep --table                      # print the results table only
 
 Each run follows the toy benchmark protocol (``lessons.toyworld.TOY_BENCHMARK``): train on
 ``synthetic`` with the same budget for every method (``lessons.train``; the recipes' random flip and
@@ -47,7 +47,7 @@ from lessons.checkpoints import (
 )
 from lessons.train import TrainConfig, evaluate, train
 from lessons.utils import count_parameters, lessons_digest, module_closure, seed_everything
-from reprod.resumable import hardware
+from reprod.toy.resumable import hardware
 
 RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"
 

@@ -1,6 +1,6 @@
 """Published results of Rein, tqdm, CAT-Seg, QueryDiff and MFuser, loaded and validated.
 
-`paper_results.yaml` (beside this module) holds every results table of the five papers as the
+`papers.yaml` (beside this module) holds every results table of the five papers as the
 research notes transcribe them: the numbers are the papers' own, never recomputed or rounded.
 The reproduction scripts write their measured numbers next to these, and notebook 00 shows the
 GTAV -> Cityscapes / BDD100K / Mapillary headline rows (`gtav_to_real`).
@@ -42,7 +42,7 @@ import yaml
 SCHEMA_VERSION = 1
 PAPERS = ("Rein", "tqdm", "CAT-Seg", "QueryDiff", "MFuser")
 MEAN_TOLERANCE = 0.15
-DEFAULT_PATH = Path(__file__).with_name("paper_results.yaml")
+DEFAULT_PATH = Path(__file__).with_name("papers.yaml")
 
 # The main GTAV -> Cityscapes / BDD100K / Mapillary table of each DGSS paper.
 MAIN_TABLES = {

@@ -1,9 +1,9 @@
 """Execute the lesson notebooks: the one canonical way to regenerate their committed outputs.
 
-    python -m reprod.notebooks --in-place            # refresh outputs + metadata (make notebooks)
-    python -m reprod.notebooks --execute-to DIR      # run every lesson headless into DIR
-    python -m reprod.notebooks --check               # exit 1 if committed outputs are stale
-    python -m reprod.notebooks --in-place notebooks/00_dgss_problem.ipynb   # just one
+    python -m reprod.course.notebooks --in-place   # refresh outputs + metadata (make notebooks)
+    python -m reprod.course.notebooks --execute-to DIR      # run every lesson headless into DIR
+    python -m reprod.course.notebooks --check               # exit 1 if committed outputs are stale
+    python -m reprod.course.notebooks --in-place notebooks/00_dgss_problem.ipynb   # just one
 
 Outputs are always made the same way: a fresh kernel per notebook in this environment, on the
 CPU, with progress bars off and ``OMP_NUM_THREADS=2`` (the laptop the lessons are timed on). The
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import nbformat
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 META_KEY = "dgss_lessons"
 
@@ -72,7 +72,7 @@ def stale_reasons(path: Path) -> list[str]:
     have = nb.metadata.get(META_KEY)
     want = expected_metadata(nb)
     if have is None:
-        reasons.append(f"no metadata.{META_KEY}: never executed by reprod.notebooks")
+        reasons.append(f"no metadata.{META_KEY}: never executed by reprod.course.notebooks")
     else:
         for key, value in want.items():
             if have.get(key) != value:

@@ -26,7 +26,7 @@ here                        official name (notes)
 ``TrainingStream``          the dataset + sampler pair of the trainer, indexed by stream position
 ==========================  ======================================================================
 
-Layout: images enter as uint8 **(3, H, W)** RGB, the layout ``reprod.datasets`` readers return
+Layout: images enter as uint8 **(3, H, W)** RGB, the layout ``reprod.data.datasets`` readers return
 (torch tensors or numpy arrays), labels as integer (H, W) trainIds with 255 = ignore. Sizes are
 (H, W) everywhere here (mmcv writes (w, h)). The output is a float32 image in [0, 1]
 (3, crop, crop) and an int64 label (crop, crop): the models of ``lessons`` normalise inside each
@@ -78,8 +78,8 @@ positions (:class:`StreamSampler`).
 Benchmark (decode + pipeline through a DataLoader; ``--synthetic N`` writes N GTAV-size PNG scenes
 into a temporary GTAV tree first)::
 
-    python -m reprod.pipelines bench --synthetic 16 --pipeline rein --workers 2 --seconds 20
-    python -m reprod.pipelines bench --root data/gta --dataset gtav --pipeline tqdm --rcs
+    python -m reprod.data.pipelines bench --synthetic 16 --pipeline rein --workers 2 --seconds 20
+    python -m reprod.data.pipelines bench --root data/gta --dataset gtav --pipeline tqdm --rcs
 
 Glossary: H W image height and width (h w after resizing); B batch size per rank (per step);
 N items in the dataset; p stream position; c crop side; K = 19 classes; RCS rare-class sampling.
@@ -105,7 +105,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lessons.augment import photometric_distortion
 from lessons.classes import CLASSES, IGNORE_INDEX
-from reprod.datasets import SegmentationFiles
+from reprod.data.datasets import SegmentationFiles
 
 T = TypeVar("T")
 Box = tuple[int, int, int, int]          # (top, left, height, width) of a crop window
@@ -770,7 +770,7 @@ def write_synthetic_gtav(root: str | Path, n: int, size: Size = GTAV_SIZE, seed:
     from PIL import Image
 
     from lessons import toyworld as tw
-    from reprod.datasets import export_toyworld
+    from reprod.data.datasets import export_toyworld
 
     root = Path(root)
     h, w = size
@@ -847,9 +847,9 @@ def measure(stream: TrainingStream, workers: int, batch: int, seconds: float
 
 def bench(args: argparse.Namespace) -> int:
     """The ``bench`` command: print images/s of decode + pipeline through a DataLoader."""
-    from reprod.datasets import build_dataset
+    from reprod.data.datasets import build_dataset
     from reprod.prepare_data import class_stats, write_stats
-    from reprod.resumable import hardware
+    from reprod.toy.resumable import hardware
 
     if args.workers < 0 or args.batch < 1 or args.seconds <= 0:
         raise ValueError("need --workers >= 0, --batch >= 1 and --seconds > 0")
@@ -892,7 +892,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m reprod.pipelines",
+    parser = argparse.ArgumentParser(prog="python -m reprod.data.pipelines",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="augmented images per second (decode + pipeline)")

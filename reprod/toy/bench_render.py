@@ -1,6 +1,6 @@
 """Benchmark: ToyWorld images rendered per second on one core, per domain.
 
-    python -m reprod.bench_toyworld [--n 400] [--size 64 128]
+    python -m reprod.toy.bench_render [--n 400] [--size 64 128]
 
 Prints one line per domain and the mean. The target (issue "Foundation") is at least 1,000
 images/s at 64x128 on one core, so rendering never bottlenecks CPU training. Rendering is numpy

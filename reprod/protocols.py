@@ -39,7 +39,7 @@ gotcha 1 of rein_tqdm.md PART F: the two are not like-for-like, pick one and sta
 
 Every target's :class:`TargetSpec` names its source (or says it is ours).
 
-Images: uint8 (3, H, W) RGB as :mod:`reprod.datasets` gives them; they reach the model as float
+Images: uint8 (3, H, W) RGB as :mod:`reprod.data.datasets` gives them; they reach the model as float
 in [0, 1] (each model normalises inside, :func:`lessons.train.predict`). mIoU and per-class IoU
 are reported in percent, as the papers print them.
 
@@ -73,10 +73,10 @@ from tqdm import tqdm
 from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from lessons.mask2former import slide_inference
 from lessons.metrics import ConfusionMatrix, mean_iou, per_class_iou
+from lessons.papers import Table, get_table, load_paper_results
 from lessons.train import predict, resize_to
 from lessons.utils import get_device
-from reprod.datasets import ACDC_CONDITIONS
-from reprod.paper_results import Table, get_table, load_paper_results
+from reprod.data.datasets import ACDC_CONDITIONS
 from reprod.safe_io import atomic_write_text
 
 __all__ = [
@@ -269,7 +269,7 @@ def _check_image(image: torch.Tensor, what: str = "image") -> None:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{what} must be a (3, H, W) RGB tensor, got {shape}")
     if image.dtype != torch.uint8:
-        raise ValueError(f"{what} must be uint8 in 0..255 as the reprod.datasets readers give "
+        raise ValueError(f"{what} must be uint8 in 0..255 as the reprod.data.datasets readers give "
                          f"it, got dtype {image.dtype} (a float [0, 1] image: (x * 255).round()"
                          ".to(torch.uint8))")
 
@@ -524,7 +524,7 @@ def _paper_tables() -> tuple[Table, ...]:
 
 
 def paper_row(table_id: str, method: str, backbone: str | None) -> dict[str, float | None]:
-    """A published row of ``reprod/paper_results.yaml``: ``{column: mIoU or None}``.
+    """A published row of ``lessons/papers.yaml``: ``{column: mIoU or None}``.
 
     ``method`` and ``backbone`` match case-insensitively (``backbone=None`` matches a row without
     one); an unknown table is a KeyError, a missing row a ValueError listing the table's rows.

@@ -1,8 +1,8 @@
 """Selective-scan benchmark: ``lessons.ssm`` against the pure-PyTorch peer ``mambapy``.
 
-    python -m reprod.bench_ssm                      # 2 threads, float32, the three shapes below
-    python -m reprod.bench_ssm --shapes issue --repeats 7 --json out.json
-    python -m reprod.bench_ssm --chunk-sizes 8 16 32 64    # sweep the fast scan's chunk length
+    python -m reprod.course.bench_scan                  # 2 threads, float32, the shapes below
+    python -m reprod.course.bench_scan --shapes issue --repeats 7 --json out.json
+    python -m reprod.course.bench_scan --chunk-sizes 8 16 32 64   # the fast scan's chunk
 
 Both sides compute the same thing end to end from the same inputs: discretisation
 (exp(ΔA), ΔBu), the scan, the C contraction and the D skip; each gets its own layout prepared

@@ -1,0 +1,1 @@
+"""Course tooling: the notebook runner, student copies and the lesson benchmarks."""

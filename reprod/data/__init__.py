@@ -1,0 +1,1 @@
+"""The real datasets in their official layouts, and the papers' training pipelines."""

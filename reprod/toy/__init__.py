@@ -1,0 +1,1 @@
+"""Making the toy world's assets: toy foundation models, their gates, the toy sweep."""

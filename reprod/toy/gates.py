@@ -1,0 +1,294 @@
+"""The gates of ToyWorld 2: do the world and its toy foundation models have the properties the
+papers rely on? Measured before any method of the course runs on the world.
+
+    python -m reprod.toy.gates                     # every gate, printed, written to GATES_FILE
+    python -m reprod.toy.gates --gates G1 G2       # some of them
+    python -m reprod.toy.gates --small             # a few-minute version (numbers not recorded)
+
+The gates are fixed in advance (the issue "ToyWorld 2") and never moved to fit a result:
+
+- **G1 useful features.** A linear probe (300 steps x 16 on ``synthetic``, lr 3e-3) on the
+  frozen generic toy VFM beats the same probe on a random-init ViT of the same shape by at least
+  10 mIoU on the targets' mean.
+- **G2 headroom.** The same probe trained on each target's own labels (its ``train`` split) beats
+  the source-trained probe by at least 15 mIoU on the targets' mean: to frozen features the
+  domains are not interchangeable (on real data a Cityscapes-trained model leads a GTAV-trained
+  one by 15-20 points; world 1's toy VFM left about 9.5).
+- **G3 the gap survives augmentation.** A scratch CNN (``TinySegNet``, 1,000 steps x 16) trained
+  on the source with the recipes' flip and photometric distortion loses at least 20 mIoU from
+  the source to the targets' mean.
+- **G4 an aligned VLM.** MaskCLIP zero-shot (no segmentation training) reaches at least 10 mIoU
+  on the source and 5 on the targets' mean; zero-shot classification of crops (CAT-Seg's
+  prompts, crops whose largest class fills half) at least 80% top-1; the held-out class
+  (``bus``, named in captions, never segmented) at least 10 IoU zero-shot from its name on the
+  source test split.
+- **G5 a teacher that knows more.** The toy diffusion teacher's strong-noise features are more
+  style-invariant than its weak-noise ones (mean cosine of pixel-aligned features of one scene
+  in the source look and in each target look, same noise), and its layout probe at t_s
+  (BatchNorm + 1x1 conv on its features, 300 steps on ``synthetic``) beats the student's frozen
+  probe (G1's) on ``painted``, the style the teacher saw and the student did not.
+
+mIoU is measured on 200 ``test`` scenes per domain at 64x128; "targets' mean" is the mean over
+the eight targets of ``TOY_BENCHMARK``. Each model card quotes its gates from ``GATES_FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lessons import toyworld as tw
+from lessons.augment import Augmented
+from lessons.backbones import WEIGHTS_DIR, build_encoder
+from lessons.baselines import TinySegNet
+from lessons.captions import HELD_OUT_CLASS, class_id
+from lessons.probe import LinearProbe
+from lessons.train import TrainConfig, evaluate, evaluate_domains, train
+from lessons.utils import seed_everything
+
+GATES_FILE = WEIGHTS_DIR / "gates.json"
+GATES = ("G1", "G2", "G3", "G4", "G5")
+THRESHOLDS = {"G1": 10.0, "G2": 15.0, "G3": 20.0, "G4_source": 10.0, "G4_targets": 5.0,
+              "G4_crops": 80.0, "G4_held_out": 10.0}
+"""The gates' margins (mIoU or IoU points, crop accuracy in %), fixed before any measurement."""
+
+
+def _scale(small: bool) -> dict:
+    """Sizes of a measurement: the recorded one, or a few-minute smoke version."""
+    if small:
+        return {"steps": 40, "scratch_steps": 60, "test": 24, "train": 200, "crops": 120,
+                "pairs": 8}
+    return {"steps": 300, "scratch_steps": 1000, "test": 200, "train": 2000, "crops": 400,
+            "pairs": 48}
+
+
+def _tests(n: int, seed: int = 0) -> dict[str, tw.ToyWorld]:
+    return {d: tw.ToyWorld(d, "test", length=n, seed=seed)
+            for d in (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)}
+
+
+def _targets_mean(result: dict[str, float]) -> float:
+    return 100 * float(np.mean([result[d] for d in tw.TARGET_DOMAINS]))
+
+
+def _fit(make: Callable[[], torch.nn.Module], data, steps: int, seed: int = 0,
+         lr: float = 3e-3) -> torch.nn.Module:
+    seed_everything(seed)
+    model = make()
+    train(model, data, TrainConfig(steps=steps, batch_size=16, lr=lr, seed=seed))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# G1, G2: the generic VFM's frozen features
+# ----------------------------------------------------------------------------------------------
+def probe_results(vfm_weights: str | Path | None, small: bool = False) -> dict:
+    """G1 and G2's measurements: the source-trained probes (toy VFM, random-init ViT) on every
+    domain, and per target a probe trained on that target's own labels."""
+    s = _scale(small)
+    tests = _tests(s["test"])
+    source = tw.ToyWorld(tw.SOURCE_DOMAIN, "train", length=s["train"])
+    vfm = _fit(lambda: LinearProbe(build_encoder("toy_vfm", vfm_weights)), source, s["steps"])
+    rand = _fit(lambda: LinearProbe(build_encoder("toy_vfm")), source, s["steps"])
+    own = {}
+    for d in tw.TARGET_DOMAINS:
+        probe = _fit(lambda: LinearProbe(build_encoder("toy_vfm", vfm_weights)),
+                     tw.ToyWorld(d, "train", length=s["train"]), s["steps"])
+        own[d] = evaluate(probe, tests[d])["mean_iou"]
+    return {"frozen toy VFM + linear": evaluate_domains(vfm, tests),
+            "random-init ViT + linear": evaluate_domains(rand, tests),
+            "frozen toy VFM + linear, trained on each target": own}
+
+
+def check_probes(r: dict) -> dict:
+    vfm = _targets_mean(r["frozen toy VFM + linear"])
+    rand = _targets_mean(r["random-init ViT + linear"])
+    own = _targets_mean(r["frozen toy VFM + linear, trained on each target"])
+    return {"G1": {"vfm_targets": vfm, "random_init_targets": rand, "margin": vfm - rand,
+                   "needs": THRESHOLDS["G1"], "passed": vfm - rand >= THRESHOLDS["G1"]},
+            "G2": {"own_labels_targets": own, "source_trained_targets": vfm, "margin": own - vfm,
+                   "needs": THRESHOLDS["G2"], "passed": own - vfm >= THRESHOLDS["G2"]}}
+
+
+# ----------------------------------------------------------------------------------------------
+# G3: the gap against a scratch CNN with the recipes' augmentation
+# ----------------------------------------------------------------------------------------------
+def scratch_results(small: bool = False) -> dict:
+    s = _scale(small)
+    source = Augmented(tw.ToyWorld(tw.SOURCE_DOMAIN, "train", length=s["train"]), seed=0)
+    model = _fit(TinySegNet, source, s["scratch_steps"], lr=1e-3)
+    return {"scratch CNN + flip + photometric distortion": evaluate_domains(model,
+                                                                            _tests(s["test"]))}
+
+
+def check_scratch(r: dict) -> dict:
+    res = r["scratch CNN + flip + photometric distortion"]
+    src, tgt = 100 * res[tw.SOURCE_DOMAIN], _targets_mean(res)
+    return {"G3": {"source": src, "targets": tgt, "drop": src - tgt, "needs": THRESHOLDS["G3"],
+                   "passed": src - tgt >= THRESHOLDS["G3"]}}
+
+
+# ----------------------------------------------------------------------------------------------
+# G4: the VLM, zero-shot
+# ----------------------------------------------------------------------------------------------
+def vlm_results(vlm_weights: str | Path | None, small: bool = False) -> dict:
+    from lessons.backbones import Encoder, create_model, get_bundle
+    from lessons.zeroshot import MaskCLIPSegmenter
+    from reprod.toy.vlm import crop_classification
+
+    s = _scale(small)
+    model = create_model("toy_vlm", vlm_weights).eval()
+    seg = MaskCLIPSegmenter(Encoder(get_bundle("toy_vlm"), model))
+    tests = _tests(s["test"])
+    per_domain = {d: evaluate(seg, ds) for d, ds in tests.items()}
+    bus = class_id(HELD_OUT_CLASS)
+    return {"maskclip_miou": {d: r["mean_iou"] for d, r in per_domain.items()},
+            "held_out_iou": {d: float(np.nan_to_num(r["per_class_iou"][bus]))
+                             for d, r in per_domain.items()},
+            "crops": crop_classification(model, n=s["crops"])}
+
+
+def check_vlm(r: dict) -> dict:
+    src = 100 * r["maskclip_miou"][tw.SOURCE_DOMAIN]
+    tgt = _targets_mean(r["maskclip_miou"])
+    crops = 100 * r["crops"]["crop_top1"]
+    held = 100 * r["held_out_iou"][tw.SOURCE_DOMAIN]
+    t = THRESHOLDS
+    return {"G4": {"maskclip_source": src, "maskclip_targets": tgt, "crop_top1": crops,
+                   "held_out_iou_source": held, "held_out_class": HELD_OUT_CLASS,
+                   "needs": {k: v for k, v in t.items() if k.startswith("G4")},
+                   "passed": (src >= t["G4_source"] and tgt >= t["G4_targets"]
+                              and crops >= t["G4_crops"] and held >= t["G4_held_out"])}}
+
+
+# ----------------------------------------------------------------------------------------------
+# G5: the diffusion teacher
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def invariance(teacher, pairs: int, seed: int = 0) -> dict[str, float]:
+    """Mean cosine of the teacher's pixel-aligned features at t_w and t_s between one scene in
+    the source look and the same scene in each target look (one noise draw for both views)."""
+    out = {"weak": [], "strong": []}
+    for k in range(pairs):
+        renders = tw.render_across_domains(seed * 10_000 + k,
+                                           domains=(tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS))
+        images = torch.stack([torch.from_numpy(img) for img, _ in renders.values()])  # (9,..)
+        g = torch.Generator().manual_seed(k)
+        noise_free = teacher.features(images, generator=g)
+        for which in ("weak", "strong"):
+            maps = getattr(noise_free, which)
+            cos = [F.cosine_similarity(m[:1], m[1:], dim=1).mean().item() for m in maps]
+            out[which].append(float(np.mean(cos)))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def teacher_results(teacher_weights: str | Path | None, probe: dict | None,
+                    small: bool = False) -> dict:
+    from lessons.querydiff import DiffusionTeacher
+    from reprod.toy.diffusion import DiffusionProbe
+
+    s = _scale(small)
+    teacher = DiffusionTeacher.toy(teacher_weights)
+    source = tw.ToyWorld(tw.SOURCE_DOMAIN, "train", length=s["train"])
+    layout = _fit(lambda: DiffusionProbe(teacher, "strong"), source, s["steps"])
+    painted = tw.ToyWorld("painted", "test", length=s["test"])
+    return {"invariance": invariance(teacher, s["pairs"]),
+            "teacher_probe_painted": evaluate(layout, painted)["mean_iou"],
+            "student_probe_painted": (probe or {}).get("frozen toy VFM + linear", {}).get(
+                "painted")}
+
+
+def check_teacher(r: dict) -> dict:
+    inv = r["invariance"]
+    teacher, student = 100 * r["teacher_probe_painted"], r["student_probe_painted"]
+    student = None if student is None else 100 * student
+    return {"G5": {"cosine_weak": inv["weak"], "cosine_strong": inv["strong"],
+                   "teacher_probe_painted": teacher, "student_probe_painted": student,
+                   "passed": bool(inv["strong"] > inv["weak"] and student is not None
+                                  and teacher > student)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# All of them
+# ----------------------------------------------------------------------------------------------
+def measure(gates: Sequence[str] = GATES, small: bool = False,
+            weights: Path = WEIGHTS_DIR) -> dict:
+    """Measure ``gates``; returns {"results": raw measurements, "gates": verdicts, ...}."""
+    results, verdicts, seconds = {}, {}, {}
+    steps = [("G1", "G2"), ("G3",), ("G4",), ("G5",)]
+    for group in steps:
+        if not set(group) & set(gates):
+            continue
+        start = time.perf_counter()
+        if "G1" in group:
+            results["probes"] = probe_results(weights / "toy_vfm.safetensors", small)
+            verdicts |= check_probes(results["probes"])
+        elif group == ("G3",):
+            results["scratch"] = scratch_results(small)
+            verdicts |= check_scratch(results["scratch"])
+        elif group == ("G4",):
+            results["vlm"] = vlm_results(weights / "toy_vlm.safetensors", small)
+            verdicts |= check_vlm(results["vlm"])
+        else:
+            probes = results.get("probes") or _recorded("probes")
+            results["teacher"] = teacher_results(weights / "toy_diffusion.safetensors", probes,
+                                                 small)
+            verdicts |= check_teacher(results["teacher"])
+        seconds["+".join(group)] = round(time.perf_counter() - start, 1)
+    return {"toyworld_version": tw.TOYWORLD_VERSION, "small": small, "results": results,
+            "gates": verdicts, "seconds": seconds}
+
+
+def _recorded(key: str) -> dict | None:
+    if GATES_FILE.is_file():
+        return json.loads(GATES_FILE.read_text())["results"].get(key)
+    return None
+
+
+def gate_lines(verdicts: dict) -> list[str]:
+    """One line per gate, with its figures, for cards and the command's output."""
+    out = []
+    for name, v in sorted(verdicts.items()):
+        figures = ", ".join(f"{k} {x:.1f}" if isinstance(x, float) else f"{k} {x}"
+                            for k, x in v.items() if k not in ("passed", "needs"))
+        needs = v.get("needs")
+        needs = "" if needs is None else f" (needs {needs})"
+        out.append(f"{name}: {'passed' if v['passed'] else 'NOT passed'}; {figures}{needs}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gates", nargs="+", choices=GATES, default=list(GATES))
+    ap.add_argument("--small", action="store_true", help="a quick smoke version, not recorded")
+    ap.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
+                    help="folder of toy_vfm / toy_vlm / toy_diffusion .safetensors")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"where to write the JSON (default: {GATES_FILE}, merged with what is "
+                         "there; never for --small)")
+    args = ap.parse_args(argv)
+    measured = measure(args.gates, args.small, args.weights)
+    for line in gate_lines(measured["gates"]):
+        print(line)
+    print(json.dumps(measured["seconds"]))
+    out = args.out or (None if args.small else GATES_FILE)
+    if out is not None:
+        old = json.loads(out.read_text()) if out.is_file() else {"results": {}, "gates": {},
+                                                                  "seconds": {}}
+        for key in ("results", "gates", "seconds"):
+            old[key] = {**old.get(key, {}), **measured[key]}
+        old["toyworld_version"], old["small"] = measured["toyworld_version"], args.small
+        out.write_text(json.dumps(old, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
