@@ -157,7 +157,7 @@ register(Bundle("siglip_vitl16_384", "open_clip", "ViT-L-16-SigLIP-384", "vlm", 
                 source="timm/ViT-L-16-SigLIP-384 on the Hugging Face hub (open_clip format), a "
                        "local file; its tokenizer is a separate local directory"))
 
-# The course's own toy models (weights made by `python -m reprod.pretrain_toy`).
+# The course's own toy models (weights made by `python -m reprod.toy.pretrain`).
 TOY_VFM_CFG = dict(img_size=(64, 128), patch_size=8, embed_dim=192, depth=6, num_heads=3,
                    reg_tokens=4, no_embed_class=True, init_values=0.1, num_classes=0)
 TOY_VLM_CFG = dict(
@@ -165,10 +165,13 @@ TOY_VLM_CFG = dict(
     vision_cfg=dict(image_size=(64, 128), patch_size=8, width=192, layers=6, head_width=64),
     text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=4),
 )
-_TOY_SOURCE = "`python -m reprod.pretrain_toy` (it writes lessons/weights/)"
+_TOY_SOURCE = "`python -m reprod.toy.pretrain` (it writes lessons/weights/)"
 register(Bundle("toy_vfm", "timm", "vit_small_patch14_reg4_dinov2", "vfm", IMAGENET_MEAN,
                 IMAGENET_STD, 8, (64, 128), 192, 6, (1, 2, 3, 5), weights="toy_vfm.safetensors",
                 source=_TOY_SOURCE, kwargs=TOY_VFM_CFG))
+register(Bundle("toy_vfm_invariant", "timm", "vit_small_patch14_reg4_dinov2", "vfm",
+                IMAGENET_MEAN, IMAGENET_STD, 8, (64, 128), 192, 6, (1, 2, 3, 5),
+                weights="toy_vfm_invariant.safetensors", source=_TOY_SOURCE, kwargs=TOY_VFM_CFG))
 register(Bundle("toy_vlm", "open_clip", "toy-clip", "vlm", CLIP_MEAN, CLIP_STD, 8, (64, 128), 192,
                 6, (1, 2, 3, 5), embed_dim=128, weights="toy_vlm.safetensors",
                 source=_TOY_SOURCE, kwargs=TOY_VLM_CFG))

@@ -82,18 +82,18 @@ from lessons.rein import Reins
 # ----------------------------------------------------------------------------------------------
 
 TOY_UNET: dict = dict(
-    sample_size=(32, 64), in_channels=3, out_channels=3, layers_per_block=1,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    sample_size=(64, 128), in_channels=3, out_channels=3, layers_per_block=1,
+    block_out_channels=(32, 64, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     norm_num_groups=16, attention_head_dim=32)
-"""The toy diffusion teacher: a diffusers ``UNet2DModel`` (DDPM) on 32x64 pixels, 1.1 M
-parameters. Its up blocks run at 8x16, 16x32 and 32x64: the deepest matches the toy ViT's grid
-(patch 8 at 64x128), as SD 2.1's 32x32 up block matches a patch-16 ViT at 512."""
-TOY_IMAGE_SIZE = (32, 64)
+"""The toy diffusion teacher: a diffusers ``UNet2DModel`` (DDPM) on 64x128 pixels, the lessons'
+resolution. Its up blocks run at 8x16, 16x32, 32x64 and 64x128: the deepest matches the toy ViT's
+grid (patch 8 at 64x128), as SD 2.1's 32x32 up block matches a patch-16 ViT at 512."""
+TOY_IMAGE_SIZE = (64, 128)
 TOY_FEATURE_LAYERS = ((0, 1), (1, 1), (2, 1))
-"""(up block, resnet) hooks of the toy U-Net: the last resnet of every up block, before its
-upsampler (64 ch @ 8x16, 64 @ 16x32, 32 @ 32x64)."""
+"""(up block, resnet) hooks of the toy U-Net: the last resnet of the first three up blocks,
+before their upsamplers (64 ch @ 8x16, 64 @ 16x32, 64 @ 32x64), as SD's hooks skip its last."""
 SD_FEATURE_LAYERS = ((0, 2), (2, 2), (3, 2))
 """The official code's default hooks on SD's U-Net (1280 ch @ 8x8, 640 @ 32x32, 320 @ 64x64 for a
 512 image); the release never registers them (a ``mode`` string mismatch, gotcha Q6)."""
@@ -153,7 +153,7 @@ def build_toy_unet(weights: str | Path | None = TOY_DIFFUSION_WEIGHTS):
     if not path.is_file():
         raise FileNotFoundError(
             f"toy diffusion weights not found at {path}; make them with `python -m "
-            "reprod.pretrain_toy diffusion --until-done` then `--export --card`")
+            "reprod.toy.pretrain diffusion --until-done` then `--export --card`")
     try:
         state = load_file(str(path))
         unet.load_state_dict({k: v.float() for k, v in state.items()})
