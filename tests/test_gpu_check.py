@@ -1,0 +1,56 @@
+"""reprod.gpu_check on a CPU: the plan prints, and the runner keeps its report and its budget.
+
+The GPU steps themselves run only where a GPU is lent; these tests keep the script from rotting
+while none is."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from reprod import gpu_check as gc
+
+
+def test_dry_run_prints_every_step_with_its_time_and_needs(capsys):
+    assert gc.main(["--dry-run", "--budget-min", "9"]) == 0
+    text = capsys.readouterr().out
+    assert "budget 9 min" in text
+    for step in gc.STEPS:
+        assert f"  {step.name} " in text, step.name
+        assert step.needs in text
+    assert "mfuser_eva_gtav" in text and "--precision bf16 --batch 2 --size 512" in text
+    assert "beyond the budget" in text            # the plan is longer than nine minutes
+    finishes = [finish for _, finish in gc.plan(9)]
+    assert finishes == sorted(finishes)
+    assert [s.name for s in gc.STEPS][:4] == ["detect", "wheels", "mamba_ssm", "pytest_gpu"]
+
+
+def test_the_runner_reports_each_step_and_stops_at_the_budget(tmp_path, monkeypatch):
+    py = sys.executable
+    steps = (gc.Step("ok", f"{py} -c 'print(42)'", 1, "nothing"),
+             gc.Step("broken", f"{py} -c 'raise SystemExit(3)'", 1, "nothing"),
+             gc.Step("wheels", "true", 1, "--wheels", optional=True),
+             gc.Step("slow", f"{py} -c 'import time; time.sleep(30)'", 10, "nothing",
+                     limit_s=1),
+             gc.Step("too_long", "true", 10_000, "nothing"))
+    monkeypatch.setattr(gc, "STEPS", steps)
+    code = gc.main(["--out", str(tmp_path), "--budget-min", "5"])
+    assert code == 1                                # a step failed
+    report = json.loads((tmp_path / "report.json").read_text())
+    status = {s["name"]: s["status"] for s in report["steps"]}
+    assert status == {"ok": "ok", "broken": "failed (exit 3)", "wheels": "skipped (not carried)",
+                      "slow": "stopped at its 1 s limit", "too_long": "not run (time budget)"}
+    assert "42" in report["steps"][0]["tail"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## ok") < md.index("## broken") < md.index("## too_long")
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gc.main(["--budget-min", "0"])
+    assert "--budget-min must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gc.main(["--sdist", str(tmp_path / "none.tar.gz"), "--dry-run"])
+    assert "does not exist" in capsys.readouterr().err
