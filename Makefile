@@ -5,6 +5,8 @@
 #   make notebooks  re-execute every notebook in place: the canonical way to refresh outputs
 #   make students   regenerate the student copies (notebooks/students/) from the solutions
 #   make bench      benchmarks: ToyWorld rendering, the selective scan against mambapy
+#   make gpu-carry  download what a bare GPU machine lacks into .whl/ (mamba-ssm sdist, wheels)
+#   make gpu-check  on a GPU machine: every owed GPU figure (reprod.gpu_check, about 9 minutes)
 # Needs only Python >= 3.10 with venv. TORCH pins the PyTorch wheels (PyPI; no other index).
 
 PYTHON ?= python3
@@ -13,7 +15,8 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dgss-installed
 
-.PHONY: setup lab lessons test test-fast notebooks students bench check-env lint hooks clean
+.PHONY: setup lab lessons test test-fast notebooks students bench check-env lint hooks clean \
+	gpu-carry gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +48,18 @@ students: setup
 bench: setup
 	$(PY) -m reprod.toy.bench_render
 	$(PY) -m reprod.course.bench_scan
+
+# A bare GPU machine (CUDA, nvcc, PyTorch; Python 3.12; no network) lacks these: carry .whl/.
+GPU_WHEELS ?= open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 diffusers==0.42.1 mambapy==1.2.0
+gpu-carry: setup
+	mkdir -p .whl
+	MAMBA_SKIP_CUDA_BUILD=TRUE $(PY) -m pip download --quiet --no-deps --no-binary :all: \
+		--no-build-isolation -d .whl mamba_ssm==2.3.2.post1
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	python3 -m reprod.gpu_check --wheels .whl --sdist $$(ls .whl/mamba_ssm-*.tar.gz)
 
 check-env: setup
 	$(PY) -m lessons.check_env
