@@ -21,6 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -142,35 +143,108 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def poly_lr(step: int, steps: int, base_lr: float = 1.0, *, power: float = 0.9,
+            min_lr: float = 0.0, warmup_steps: int = 0, warmup_ratio: float = 1e-6,
+            warmup: str = "mmengine") -> float:
+    """The papers' learning rate at ``step`` (0-based): mmseg's poly decay after a linear warm-up.
+
+    Poly (``PolyLR`` of mmseg 1.x / mmengine, ``PolyLrUpdaterHook`` of mmcv 1.x), with
+    ``eta_min`` = ``min_lr``::
+
+        poly(t) = (base_lr - min_lr) * (1 - t)^power + min_lr,   t in [0, 1]
+
+    The linear warm-up factor over the first ``warmup_steps`` steps is
+    ``w(s) = warmup_ratio + (1 - warmup_ratio) * s / warmup_steps``. The two frameworks the
+    official configs run on compose the two differently; ``warmup`` picks one:
+
+    - ``"mmengine"`` (mmseg 1.x: Rein's and QueryDiff's configs; the lessons' loop):
+      ``LinearLR`` then ``PolyLR`` over the remaining steps,
+      ``lr = base_lr * w(s)`` while ``s < warmup_steps``, then
+      ``poly((s - warmup_steps) / (steps - warmup_steps))``;
+    - ``"mmcv"`` (mmcv 1.x: tqdm's and MFuser's configs; ``reprod.train``): the warm-up scales
+      the poly decay over all the steps, ``lr = poly(s / steps) * w(s)`` (``w = 1`` after it).
+
+    Without a warm-up both give ``poly(s / steps)``. ``power=1`` is a linear decay and
+    ``power=0`` a constant rate. Past ``steps`` the rate stays at ``min_lr``.
+    """
+    if warmup not in ("mmengine", "mmcv"):
+        raise ValueError(f"unknown warm-up form {warmup!r}; choose mmengine or mmcv")
+    warm = 1.0
+    if step < warmup_steps:
+        warm = warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
+        if warmup == "mmengine":
+            return base_lr * warm
+    if warmup == "mmengine":
+        t = (step - warmup_steps) / max(steps - warmup_steps, 1)
+    else:
+        t = step / steps
+    return ((base_lr - min_lr) * (1 - min(t, 1.0)) ** power + min_lr) * warm
+
+
+SCHEDULE_POWER = {"poly": 0.9, "linear": 1.0, "constant": 0.0}
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): warm-up, then poly / linear / constant."""
-    if step < cfg.warmup_steps:
-        return 1e-6 + (1 - 1e-6) * step / cfg.warmup_steps
-    t = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
-    if cfg.schedule == "poly":
-        return (1 - t) ** 0.9
-    if cfg.schedule == "linear":
-        return 1 - t
-    return 1.0
+    """Learning-rate multiplier at ``step`` (0-based): :func:`poly_lr` with mmengine's warm-up
+    from 1e-6, and the power of ``cfg.schedule`` (poly 0.9, linear 1, constant 0)."""
+    return poly_lr(step, cfg.steps, power=SCHEDULE_POWER[cfg.schedule],
+                   warmup_steps=cfg.warmup_steps, warmup_ratio=1e-6, warmup="mmengine")
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A step's summed loss is NaN or infinite; ``loss`` and ``parts`` (the terms) say which.
+    Raised before any gradient is applied."""
+
+    def __init__(self, loss: float, parts: Mapping[str, float]):
+        self.loss, self.parts = loss, dict(parts)
+        super().__init__(f"non-finite loss {loss} (parts: {self.parts})")
 
 
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               optimizer: torch.optim.Optimizer, grad_clip: float | None = None
-               ) -> dict[str, float]:
-    """One optimisation step: forward, summed losses, backward, (clip), step. Returns floats."""
+               optimizer: torch.optim.Optimizer, grad_clip: float | None = None, *,
+               autocast_dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None,
+               forward: Callable[[torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
+               | None = None) -> dict[str, float]:
+    """One optimisation step: forward, summed losses, backward, (clip), step. Returns floats.
+
+    The hooks a larger run needs (``reprod.train`` uses them; the lessons use none):
+
+    - ``autocast_dtype``: run the forward under ``torch.autocast`` in that dtype (bfloat16, or
+      float16 with a ``scaler``); weights and optimiser stay in their own dtype;
+    - ``scaler``: a ``torch.amp.GradScaler``: the loss is scaled for the backward, the gradients
+      unscaled before clipping, and the step goes through the scaler (skipped on inf/NaN);
+    - ``forward``: ``(images, labels) -> losses`` instead of :func:`compute_losses` on
+      ``model`` (e.g. a DistributedDataParallel wrapper, whose gradient synchronisation hooks
+      its own ``forward``).
+
+    A non-finite summed loss raises :class:`NonFiniteLoss` before any update.
+    """
     model.train()
-    losses = compute_losses(model, images, labels)
+    amp = (torch.autocast(images.device.type, dtype=autocast_dtype)
+           if autocast_dtype is not None else nullcontext())
+    with amp:
+        losses = dict(forward(images, labels) if forward is not None
+                      else compute_losses(model, images, labels))
     total = sum(losses.values())
     if not torch.isfinite(total):
-        parts = {k: round(v.item(), 4) for k, v in losses.items()}
-        raise FloatingPointError(f"non-finite loss {total.item()} (parts: {parts})")
+        raise NonFiniteLoss(float(total.detach()),
+                            {k: round(float(v.detach()), 4) for k, v in losses.items()})
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    out = {k: v.detach().item() for k, v in losses.items()}
-    out["loss"] = total.detach().item()
+    if scaler is not None:
+        scaler.scale(total).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    out = {k: float(v.detach()) for k, v in losses.items()}
+    out["loss"] = float(total.detach())
     return out
 
 

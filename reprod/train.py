@@ -49,7 +49,6 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +60,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lessons.checkpoints import trainable_state_dict
-from lessons.train import TrainConfig, compute_losses, make_optimizer
+from lessons.train import NonFiniteLoss as StepNonFinite
+from lessons.train import TrainConfig, compute_losses, make_optimizer, poly_lr, train_step
 from reprod.experiment import (
     Experiment,
     build_model,
@@ -135,14 +135,13 @@ class LossModule(nn.Module):
 # Schedule
 # ----------------------------------------------------------------------------------------------
 def lr_at(step: int, base_lr: float, exp: Experiment) -> float:
-    """mmcv's poly with ``min_lr`` and linear warm-up, for one parameter group at ``step``:
-    ``lr = (base - min_lr) (1 - step / steps)^power + min_lr``, times
-    ``1 - (1 - step / warmup) (1 - warmup_ratio)`` during the warm-up."""
+    """One parameter group's rate at ``step``: :func:`lessons.train.poly_lr` with the config's
+    power, ``min_lr`` and warm-up, composed as mmcv 1.x does (tqdm's and MFuser's framework):
+    ``lr = ((base - min_lr) (1 - step / steps)^power + min_lr) * w``, with the warm-up factor
+    ``w = warmup_ratio + (1 - warmup_ratio) step / warmup`` during the warm-up, else 1."""
     t = exp.train
-    lr = (base_lr - t.min_lr) * (1 - min(step / t.steps, 1.0)) ** t.power + t.min_lr
-    if step < t.warmup_steps:
-        lr *= 1 - (1 - step / t.warmup_steps) * (1 - t.warmup_ratio)
-    return lr
+    return poly_lr(step, t.steps, base_lr, power=t.power, min_lr=t.min_lr,
+                   warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio, warmup="mmcv")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, exp: Experiment) -> None:
@@ -344,7 +343,7 @@ def train_loader(exp: Experiment, d: Dist, start_step: int) -> DataLoader:
 # The loop
 # ----------------------------------------------------------------------------------------------
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """A non-finite loss, with the step and the last good checkpoint named."""
 
 
 def train(exp: Experiment, run_dir: str | Path, *, stop_at: int | None = None,
@@ -525,30 +524,20 @@ def _trim_log(run_dir: Path, start: int) -> None:
 def _step(step_model: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
           images: torch.Tensor, labels: torch.Tensor, step: int, exp: Experiment,
           run_dir: Path) -> dict[str, float]:
-    """One optimisation step: lr, (bf16) forward, the guard, backward, (clip), update."""
+    """One optimisation step: the step's learning rate, then :func:`lessons.train.train_step`
+    through ``step_model`` (the DDP wrapper when there is one), under bf16 autocast when
+    ``train.precision`` says so."""
     t = exp.train
     set_lr(opt, step, exp)
-    model.train()
-    amp = torch.autocast(images.device.type, dtype=torch.bfloat16) \
-        if t.precision == "bf16" else nullcontext()
-    with amp:
-        losses = step_model(images.float() if images.dtype == torch.uint8 else images, labels)
-    total = sum(losses.values())
-    if not torch.isfinite(total):
-        parts = {k: round(float(v.detach()), 4) for k, v in losses.items()}
-        raise NonFiniteLoss(f"non-finite loss {float(total.detach())} at step {step + 1} "
-                            f"(parts: {parts}). The last good state is {run_dir / CHECKPOINT}; "
-                            "try fp32, a lower train.lr or train.grad_clip, and check the data "
-                            "with "
-                            "`python -m reprod.prepare_data verify`")
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    if t.grad_clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-    opt.step()
-    out = {k: float(v.detach()) for k, v in losses.items()}
-    out["loss"] = float(total.detach())
-    return out
+    try:
+        return train_step(model, images.float() if images.dtype == torch.uint8 else images,
+                          labels, opt, t.grad_clip, forward=step_model,
+                          autocast_dtype=torch.bfloat16 if t.precision == "bf16" else None)
+    except StepNonFinite as e:
+        raise NonFiniteLoss(f"non-finite loss {e.loss} at step {step + 1} (parts: {e.parts}). "
+                            f"The last good state is {run_dir / CHECKPOINT}; try fp32, a lower "
+                            "train.lr or train.grad_clip, and check the data with "
+                            "`python -m reprod.prepare_data verify`") from e
 
 
 def replica_difference(model: nn.Module) -> float:

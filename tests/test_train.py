@@ -21,8 +21,10 @@ from lessons.train import (
     domain_table,
     evaluate,
     evaluate_domains,
+    NonFiniteLoss,
     lr_factor,
     make_optimizer,
+    poly_lr,
     predict,
     resize_to,
     segmentation_loss,
@@ -215,6 +217,30 @@ def test_lr_factor_warmup(schedule):
     assert lr_factor(10, cfg) == pytest.approx(end)
 
 
+def test_poly_lr_is_mmseg_poly_with_either_warm_up():
+    # no warm-up: both forms are (base - min_lr) (1 - s / steps)^0.9 + min_lr
+    for form in ("mmengine", "mmcv"):
+        assert poly_lr(0, 100, 1e-4, warmup=form) == 1e-4
+        assert poly_lr(50, 100, 1e-4, min_lr=1e-6, warmup=form) == pytest.approx(
+            (1e-4 - 1e-6) * 0.5**0.9 + 1e-6)
+        assert poly_lr(100, 100, 1e-4, min_lr=1e-6, warmup=form) == pytest.approx(1e-6)
+        assert poly_lr(150, 100, 1e-4, min_lr=1e-6, warmup=form) == pytest.approx(1e-6)
+    # mmengine (Rein's mmseg 1.x): LinearLR over the warm-up, then poly over the rest
+    assert poly_lr(5, 110, 2.0, warmup_steps=10, warmup="mmengine") == pytest.approx(
+        2.0 * (1e-6 + (1 - 1e-6) * 0.5))
+    assert poly_lr(60, 110, 2.0, warmup_steps=10, warmup="mmengine") == pytest.approx(
+        2.0 * 0.5**0.9)
+    # mmcv (tqdm's and MFuser's mmcv 1.x): the warm-up scales the poly over all the steps
+    assert poly_lr(5, 110, 2.0, warmup_steps=10, warmup="mmcv") == pytest.approx(
+        2.0 * (1 - 5 / 110) ** 0.9 * (1e-6 + (1 - 1e-6) * 0.5))
+    assert poly_lr(60, 110, 2.0, warmup_steps=10, warmup="mmcv") == pytest.approx(
+        2.0 * (1 - 60 / 110) ** 0.9)
+    assert poly_lr(3, 10, power=1.0) == pytest.approx(0.7)          # linear
+    assert poly_lr(10, 10, power=0.0) == 1.0                        # constant
+    with pytest.raises(ValueError, match="warm-up form"):
+        poly_lr(0, 10, warmup="cosine")
+
+
 def test_train_config_validates():
     TrainConfig()  # the defaults are valid
     with pytest.raises(ValueError, match="optimizer"):
@@ -292,6 +318,44 @@ def test_train_step_clips_gradients():
         moves[clip] = float((end - start).norm())      # SGD's first step moves lr * grad
     assert moves[1e-3] == pytest.approx(1e-3, rel=1e-3)
     assert moves[None] > 10 * moves[1e-3]
+
+
+def test_train_step_names_the_terms_of_a_non_finite_loss():
+    model = nn.Conv2d(3, K, 1)
+    images, labels = torch.rand(2, 3, 8, 8), torch.randint(0, K, (2, 8, 8))
+
+    def forward(x, y):
+        return {"loss_ok": segmentation_loss(model(x), y), "loss_bad": torch.tensor(float("inf"))}
+
+    with pytest.raises(NonFiniteLoss) as err:
+        train_step(model, images, labels, make_optimizer(model, TrainConfig()), forward=forward)
+    assert err.value.loss == float("inf") and set(err.value.parts) == {"loss_ok", "loss_bad"}
+    assert isinstance(err.value, FloatingPointError)
+
+
+def test_train_step_hooks_forward_autocast_and_scaler():
+    images, labels = torch.rand(2, 3, 8, 8), torch.randint(0, K, (2, 8, 8))
+    model = tiny_model()
+    seen = []
+
+    def forward(x, y):
+        logits = model(x)
+        seen.append(logits.dtype)
+        return {"loss_ce": segmentation_loss(logits, y)}
+
+    out = train_step(model, images, labels, make_optimizer(model, TrainConfig()),
+                     autocast_dtype=torch.bfloat16, forward=forward)
+    assert seen == [torch.bfloat16] and math.isfinite(out["loss"])
+    assert model.weight.dtype == torch.float32                 # weights stay fp32
+    # a gradient scaler: the same update as without one (it unscales before clipping)
+    moved = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        m = tiny_model()
+        start = m.weight.detach().clone()
+        opt = make_optimizer(m, TrainConfig(optimizer="sgd", lr=1.0, weight_decay=0.0))
+        train_step(m, images, labels, opt, grad_clip=1e-3, scaler=scaler)
+        moved.append(m.weight.detach() - start)
+    assert torch.allclose(moved[0], moved[1], atol=1e-7)
 
 
 # ---------------------------------------------------------------- the model protocol
