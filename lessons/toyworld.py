@@ -104,12 +104,41 @@ from lessons.toyworld1 import (
 )
 
 __all__ = [
-    "DEFAULT_SIZE", "DOMAINS", "FAMILIES", "MATERIALS", "MAX_SIZE", "MIN_SIZE", "PRETRAINING",
-    "RENDERED_CLASSES", "SOURCE_DOMAIN", "SPLITS", "TARGET_DOMAINS", "THIN_CLASSES",
-    "TOYWORLD_VERSION", "TOY_BENCHMARK", "VALIDATION_DOMAIN", "WORLD_VERSIONS", "Content",
-    "Raster", "Scene", "Style", "Thing", "ToyWorld", "benchmark_datasets", "domains_of",
-    "draw_scene", "rasterize", "render", "render_across_domains", "render_digest",
-    "render_sample", "sample_style", "scene_seed", "stylize",
+    "DEFAULT_SIZE",
+    "DOMAINS",
+    "FAMILIES",
+    "MATERIALS",
+    "MAX_SIZE",
+    "MIN_SIZE",
+    "PRETRAINING",
+    "RENDERED_CLASSES",
+    "SOURCE_DOMAIN",
+    "SPLITS",
+    "TARGET_DOMAINS",
+    "THIN_CLASSES",
+    "TOYWORLD_VERSION",
+    "TOY_BENCHMARK",
+    "VALIDATION_DOMAIN",
+    "WORLD_VERSIONS",
+    "Content",
+    "Raster",
+    "Scene",
+    "Style",
+    "Thing",
+    "ToyWorld",
+    "benchmark_datasets",
+    "current_world",
+    "domains_of",
+    "draw_scene",
+    "rasterize",
+    "render",
+    "render_across_domains",
+    "render_digest",
+    "render_sample",
+    "sample_style",
+    "scene_seed",
+    "stylize",
+    "use_world",
 ]
 
 TOYWORLD_VERSION = "2.0"
@@ -801,9 +830,25 @@ def _check_world(world: str) -> str:
     return world
 
 
-def domains_of(world: str = TOYWORLD_VERSION) -> tuple[str, ...]:
-    """The domains a ToyWorld version renders."""
-    return DOMAINS if _check_world(world) == TOYWORLD_VERSION else w1.DOMAINS
+_CURRENT = [TOYWORLD_VERSION]
+
+
+def use_world(world: str) -> str:
+    """Make ``world`` the default of every ToyWorld dataset and toy model built from now on
+    (``lessons.backbones.toy_weights`` reads it); returns the previous default. World 1 is the
+    contrast where the papers' preconditions are absent."""
+    previous, _CURRENT[0] = _CURRENT[0], _check_world(world)
+    return previous
+
+
+def current_world() -> str:
+    """The ToyWorld version datasets and toy models use by default (``use_world``)."""
+    return _CURRENT[0]
+
+
+def domains_of(world: str | None = None) -> tuple[str, ...]:
+    """The domains a ToyWorld version renders (default: the current world)."""
+    return DOMAINS if _check_world(world or current_world()) == TOYWORLD_VERSION else w1.DOMAINS
 
 
 def scene_seed(seed: int, domain: str, split: str, index: int) -> list[int]:
@@ -834,9 +879,10 @@ def render_sample(seed_words, domain: str, size: tuple[int, int] = DEFAULT_SIZE
 
 def render_across_domains(seed: int, size: tuple[int, int] = DEFAULT_SIZE,
                           domains: tuple[str, ...] | None = None,
-                          world: str = TOYWORLD_VERSION) -> dict[str, tuple]:
+                          world: str | None = None) -> dict[str, tuple]:
     """One scene (the source's content) in every domain's style (default: all of the world's):
     pixel-aligned (image, label) pairs."""
+    world = world or current_world()
     domains = domains_of(world) if domains is None else domains
     if world != TOYWORLD_VERSION:
         return w1.render_across_domains(seed, size, domains)
@@ -861,12 +907,14 @@ class ToyWorld(Dataset):
     Item ``i`` is ``(image, label)``: image float32 (3, H, W) in [0, 1] (not normalised: each
     backbone bundle normalises its own way), label int64 (H, W) of trainIds with 255 = ignore.
     Items are rendered on the fly and are the same in every process for the same arguments.
-    ``world`` picks the ToyWorld version (``"1.0"``: world 1, the preconditions-absent contrast).
+    ``world`` picks the ToyWorld version (default: ``current_world()``; ``"1.0"``: world 1, the
+    preconditions-absent contrast).
     """
 
     def __init__(self, domain: str = SOURCE_DOMAIN, split: str = "train",
                  size: tuple[int, int] = DEFAULT_SIZE, length: int = 1000, seed: int = 0,
-                 world: str = TOYWORLD_VERSION):
+                 world: str | None = None):
+        world = world or current_world()
         self._seed_words, self._render = _WORLDS[_check_world(world)]
         self._seed_words(seed, domain, split, 0)           # validates domain, split and seed
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
@@ -893,7 +941,7 @@ class ToyWorld(Dataset):
 
 
 def benchmark_datasets(seed: int = 0, protocol: dict | None = None,
-                       world: str = TOYWORLD_VERSION) -> dict[str, ToyWorld]:
+                       world: str | None = None) -> dict[str, ToyWorld]:
     """The toy benchmark's datasets: ``train`` (source), ``val`` (validation style), targets."""
     p = protocol or TOY_BENCHMARK
 

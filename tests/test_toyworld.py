@@ -274,6 +274,20 @@ def test_protocol_and_domains():
     assert "world='1.0'" in repr(sets["fog"]) and "world" not in repr(tw.ToyWorld("fog"))
 
 
+def test_use_world_sets_the_default_and_returns_the_previous_one():
+    assert tw.current_world() == "2.0"
+    previous = tw.use_world("1.0")
+    try:
+        assert previous == "2.0" and tw.current_world() == "1.0"
+        assert tw.ToyWorld("random").world == "1.0" and tw.domains_of() == w1.DOMAINS
+        assert tuple(tw.render_across_domains(0)) == w1.DOMAINS
+    finally:
+        tw.use_world(previous)
+    assert tw.ToyWorld("fog").world == "2.0"
+    with pytest.raises(ValueError, match="unknown ToyWorld version"):
+        tw.use_world("9")
+
+
 def test_scene_seeds_are_distinct_and_splits_disjoint():
     words = [tuple(tw.scene_seed(s, d, sp, i)) for s in (0, 1) for d in tw.DOMAINS
              for sp in tw.SPLITS for i in range(50)]
