@@ -1,4 +1,5 @@
-"""Small utilities every lesson uses: seeding, device and thread choice, the package digest.
+"""Small utilities every lesson uses: seeding, device and thread choice, the hardware a result
+was measured on, the package digest.
 
 Nothing here reads environment variables: notebooks and scripts pass their choices in.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import platform
 import random
 from pathlib import Path
 
@@ -30,6 +32,14 @@ def get_device(prefer: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def hardware(device: torch.device | str | None = None) -> str:
+    """What a figure was measured on: the GPU's name, or the CPU's architecture and threads."""
+    device = torch.device(device) if device is not None else get_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def set_threads(n: int | None) -> int:
     """Pin PyTorch's intra-op threads (``None`` leaves them as they are); returns the count."""
     if n is not None:
@@ -37,6 +47,33 @@ def set_threads(n: int | None) -> int:
             raise ValueError(f"thread count must be >= 1, got {n}")
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:             # not Linux: macOS and Windows have no /proc
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
+
+
+def hardware(device: torch.device | str | None = None) -> str:
+    """One line naming what a result was measured on, for logs, reports and model cards.
+
+    A CUDA device: its name and the CUDA version (``NVIDIA H100 80GB HBM3 (CUDA 13.0)``);
+    otherwise the CPU: ``CPU (<model name>, <n> cores, <t> threads)``, the threads being
+    PyTorch's intra-op threads. ``None``: the device :func:`get_device` picks.
+    """
+    device = torch.device(device) if device is not None else get_device()
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    if device.type == "mps":
+        return f"Apple MPS (CPU {cpu})"
+    return f"CPU ({cpu})"
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
