@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import platform
 import random
 from pathlib import Path
@@ -30,14 +31,6 @@ def get_device(prefer: str | None = None) -> torch.device:
     if prefer is not None:
         return torch.device(prefer)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def hardware(device: torch.device | str | None = None) -> str:
-    """What a figure was measured on: the GPU's name, or the CPU's architecture and threads."""
-    device = torch.device(device) if device is not None else get_device()
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def set_threads(n: int | None) -> int:
