@@ -80,7 +80,7 @@ def test_a_committed_checkpoint_still_loads(monkeypatch):
 
 
 def test_the_toy_sweep_builds_through_the_registry():
-    from reprod.toy.sweep import METHODS
+    from lessons.benchmark import METHODS
 
     for name, spec in METHODS.items():
         assert spec.builder in ck.BUILDERS, name

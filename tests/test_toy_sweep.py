@@ -3,13 +3,22 @@ lesson checkpoints and results it made (they load, fit the code and re-measure a
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from lessons import toyworld as tw
+from lessons.benchmark import (
+    METHODS,
+    RESULTS_FILE,
+    load_results,
+    markdown_table,
+    paired_difference,
+    summary,
+)
 from lessons.checkpoints import CHECKPOINT_DIR, load_lesson_checkpoint, read_metadata
 from lessons.train import evaluate
 from reprod.toy import sweep as toy_sweep
-from reprod.toy.sweep import METHODS, RESULTS_FILE, load_results, markdown_table, summary
 
 
 def test_a_tiny_sweep_writes_checkpoints_and_results_and_resumes(tmp_path, capsys):
@@ -37,13 +46,39 @@ def test_a_tiny_sweep_writes_checkpoints_and_results_and_resumes(tmp_path, capsy
     assert "| Rein | 2 |" in table and "targets' mean" in table
 
 
-def test_summary_is_mean_and_spread_over_seeds():
+def test_summary_is_mean_and_sample_spread_over_seeds():
     rec = {d: 0.0 for d in (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)}
     runs = {"runs": {"rein/seed0": {"method": "rein", "miou": {**rec, "fog": 0.2}},
                      "rein/seed1": {"method": "rein", "miou": {**rec, "fog": 0.4}}}}
     fog = summary(runs)["rein"]["fog"]
-    assert fog[0] == pytest.approx(30.0) and fog[1] == pytest.approx(10.0) and fog[2] == 2
+    # the sample standard deviation (ddof = 1): sqrt(((20 - 30)^2 + (40 - 30)^2) / 1)
+    assert fog[0] == pytest.approx(30.0) and fog[1] == pytest.approx(200 ** 0.5) and fog[2] == 2
     assert summary(runs)["rein"]["targets' mean"][0] == pytest.approx(30.0 / 8)
+    one = {"runs": {"rein/seed0": runs["runs"]["rein/seed0"]}}
+    assert math.isnan(summary(one)["rein"]["fog"][1])            # one seed has no spread
+    assert "| Rein | 1 | 0.0 |" in markdown_table(one)
+
+
+def _paired_runs(diffs: list[float]) -> dict:
+    runs = {}
+    for seed, d in enumerate(diffs):
+        base = dict.fromkeys((tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS), 0.3)
+        runs[f"frozen/seed{seed}"] = {"method": "frozen", "seed": seed, "miou": base}
+        runs[f"rein/seed{seed}"] = {"method": "rein", "seed": seed,
+                                    "miou": {k: v + d / 100 for k, v in base.items()}}
+    return {"runs": runs}
+
+
+def test_paired_difference_is_a_t_interval_over_seeds():
+    # differences 1, 2, 3, 4, 5 points: mean 3, sd 1.58, t(0.975, 4) = 2.776 -> 3 +- 1.96
+    p = paired_difference(_paired_runs([1, 2, 3, 4, 5]), "rein", "frozen")
+    assert p["seeds"] == [0, 1, 2, 3, 4] and p["mean"] == pytest.approx(3.0)
+    assert p["sd"] == pytest.approx(2.5 ** 0.5)
+    assert p["low"] == pytest.approx(3 - 2.7764 * 2.5 ** 0.5 / 5 ** 0.5, abs=1e-3)
+    assert p["resolved"]
+    assert not paired_difference(_paired_runs([-2, 3, -1, 2, 0]), "rein", "frozen")["resolved"]
+    with pytest.raises(ValueError, match="share 1 seed"):
+        paired_difference(_paired_runs([1]), "rein", "frozen")
 
 
 # --- what the sweep committed -----------------------------------------------------------------

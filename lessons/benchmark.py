@@ -1,0 +1,279 @@
+"""The toy benchmark: every lesson model under one protocol, its runs, and how to read them.
+
+``METHODS`` lists every model the course trains on ToyWorld (which lesson shows it, how to build
+it, its recipe's training knobs); ``run_one`` trains one (method, seed) under the toy benchmark
+protocol (``lessons.toyworld.TOY_BENCHMARK``): train on ``synthetic`` with the same budget for
+every method (``lessons.train``; the recipes' random flip and photometric distortion,
+``lessons.augment``), select the checkpoint by mIoU on the ``validation`` style, then score the
+source test split and every target domain (mIoU, and every class's IoU, None where a class is
+absent). The scores are measured on the checkpoint as written (fp16 tensors loaded back), so a
+notebook that loads it and evaluates the same scenes gets the same numbers.
+
+Reading the runs: ``summary`` gives each method's mean and **sample** standard deviation
+(ddof = 1) over seeds; ``paired_difference`` compares two methods seed by seed, the mean of the
+per-seed differences with a 95% t interval, and calls the difference resolved only when the
+interval excludes zero.
+
+``python -m reprod.toy.sweep`` runs the sweep (resumably) and writes ``RESULTS_FILE``.
+
+Dimension glossary: none (runs and tables).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from lessons import toyworld as tw
+from lessons.augment import Augmented
+from lessons.checkpoints import (
+    CHECKPOINT_DIR,
+    build_model,
+    load_lesson_checkpoint,
+    save_lesson_checkpoint,
+    trainable_state_dict,
+)
+from lessons.train import TrainConfig, evaluate, train
+from lessons.utils import (
+    count_parameters,
+    hardware,
+    lessons_digest,
+    module_closure,
+    seed_everything,
+)
+
+__all__ = [
+    "METHODS", "RESULTS_FILE", "SWEEP_TRAIN", "Method", "checkpoint_path", "is_done",
+    "load_results", "markdown_table", "paired_difference", "run_key", "run_one", "summary",
+    "train_config",
+]
+
+RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A lesson model: how to build it, which lesson shows it, how it trains."""
+
+    lesson: str                       # notebook stem prefix, e.g. "02_rein"
+    builder: str                      # a name in lessons.checkpoints.BUILDERS
+    builder_kwargs: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)     # TrainConfig overrides for this method
+    label: str = ""
+    seeds: tuple[int, ...] | None = None          # None: the benchmark's seeds; ablations: (0,)
+    augment: bool = True              # the recipes' flip + photometric distortion (lessons.augment)
+    keep_checkpoint: bool = True      # ablations keep results only
+
+
+# The same budget for every method (the toy benchmark compares at equal steps and batch).
+SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedule="poly",
+                   eval_every=100, select_best=True)
+
+_SEG = "lessons.segmentor:build_toy_segmentor"
+_TQDM = "lessons.mask2former:build_toy_tqdm"
+_REIN_M2F = "lessons.mask2former:build_toy_rein_mask2former"
+_CATSEG = "lessons.catseg:build_toy_catseg"
+_QUERYDIFF = "lessons.querydiff:build_toy_querydiff"
+_MFUSER = "lessons.mfuser:build_toy_mfuser"
+METHODS: dict[str, Method] = {
+    # notebook 08's references: no foundation model at all, with the same budget and augmentation
+    "scratch": Method("00_dgss_problem", "lessons.baselines:TinySegNet", label="scratch TinySegNet",
+                      keep_checkpoint=False),
+    "scratch_vit": Method("08_toy_benchmark", _SEG, {"method": "full", "pretrained": False},
+                          label="toy ViT from scratch (no pretraining)", keep_checkpoint=False),
+    "frozen": Method("02_rein", _SEG, {"method": "frozen"}, label="frozen + head"),
+    "full": Method("02_rein", _SEG, {"method": "full"}, label="full fine-tune"),
+    "rein": Method("02_rein", _SEG, {"method": "rein"}, label="Rein"),
+    # ablations behind notebook 02's exercises (seed 0 only, results without checkpoints)
+    "rein_zero_init": Method("02_rein", _SEG, {"method": "rein", "zero_init": True},
+                             label="Rein, paper init", seeds=(0,),
+                             keep_checkpoint=False),
+    "rein_m5": Method("02_rein", _SEG, {"method": "rein", "token_length": 5},
+                      label="Rein, 5 tokens", seeds=(0,),
+                      keep_checkpoint=False),
+    "full_lr_0.1": Method("02_rein", _SEG, {"method": "full", "backbone_lr_mult": 0.1},
+                          label="full, encoder lr x0.1", seeds=(0,),
+                          keep_checkpoint=False),
+    # notebook 03: Mask2Former heads (Rein's query link on the VFM; tqdm's text queries on the VLM)
+    "rein_m2f": Method("03_text_queries", _REIN_M2F, label="Rein + Mask2Former (query link)"),
+    "tqdm": Method("03_text_queries", _TQDM, label="tqdm (toy VLM, text queries)"),
+    "tqdm_learnable": Method("03_text_queries", _TQDM,
+                             {"queries": "learnable", "matcher": "hungarian"},
+                             label="toy VLM, learnable queries + Hungarian", seeds=(0,),
+                             keep_checkpoint=False),
+    # notebook 04: CAT-Seg on the toy VLM, `bus` held out of training (scored from its name);
+    # the official full-model gradient clipping at 0.01 (G8)
+    "catseg": Method("04_catseg", _CATSEG, train={"grad_clip": 0.01},
+                     label="CAT-Seg (toy VLM, bus unseen)"),
+    "catseg_all": Method("04_catseg", _CATSEG, {"held_out": []}, train={"grad_clip": 0.01},
+                         label="CAT-Seg, bus trained", seeds=(0,)),
+    # notebook 05: QueryDiff on notebook 03's Rein + Mask2Former, with and without the toy
+    # diffusion teacher's guidance; the open choices (Huber target, alpha) at seed 0
+    "querydiff": Method("05_querydiff", _QUERYDIFF, label="QueryDiff (diffusion-guided)"),
+    "querydiff_no_dcl": Method("05_querydiff", _QUERYDIFF, {"alpha": 0.0},
+                               label="agent queries + refinement, no guidance",
+                               keep_checkpoint=False),
+    "querydiff_weak": Method("05_querydiff", _QUERYDIFF, {"huber_target": "weak"},
+                             label="QueryDiff, Huber on weak features (code)", seeds=(0,),
+                             keep_checkpoint=False),
+    "querydiff_alpha10": Method("05_querydiff", _QUERYDIFF, {"alpha": 10.0},
+                                label="QueryDiff, alpha 10", seeds=(0,), keep_checkpoint=False),
+    # notebook 07: MFuser on the frozen toy VFM + toy VLM, and the fusions its Tables 3, 4 and 6
+    # compare (seed 0); Rein (VFM only) and tqdm (VLM only) are notebook 03's runs
+    "mfuser": Method("07_mfuser", _MFUSER, label="MFuser (MVFuser + MTEnhancer)"),
+    "mfuser_self_attention": Method("07_mfuser", _MFUSER, {"fusion": "self_attention"},
+                                    label="self-attention over [VFM; VLM]", seeds=(0,),
+                                    keep_checkpoint=False),
+    "mfuser_cross_attention": Method("07_mfuser", _MFUSER, {"fusion": "cross_attention"},
+                                     label="Rein-style cross-attention", seeds=(0,),
+                                     keep_checkpoint=False),
+    "mfuser_separate": Method("07_mfuser", _MFUSER, {"fusion": "separate_mvfusers"},
+                              label="separate MVFusers", seeds=(0,), keep_checkpoint=False),
+    "mfuser_concat": Method("07_mfuser", _MFUSER, {"fusion": "none"},
+                            label="no fuser (frozen concatenation)", seeds=(0,),
+                            keep_checkpoint=False),
+    "mfuser_no_enhancer": Method("07_mfuser", _MFUSER, {"enhancer": "none"},
+                                 label="MFuser without MTEnhancer", seeds=(0,),
+                                 keep_checkpoint=False),
+}
+
+
+def run_key(method: str, seed: int) -> str:
+    return f"{method}/seed{seed}"
+
+
+def checkpoint_path(method: str, seed: int, root: Path = CHECKPOINT_DIR) -> Path:
+    return root / METHODS[method].lesson / f"{method}_seed{seed}.safetensors"
+
+
+def train_config(method: str, seed: int, steps: int | None = None) -> TrainConfig:
+    cfg = {**SWEEP_TRAIN, **METHODS[method].train, "seed": seed, "progress": False}
+    if steps is not None:
+        cfg["steps"] = steps
+    return TrainConfig.from_dict(cfg)
+
+
+def protocol(test_length: int) -> dict:
+    return {**tw.TOY_BENCHMARK, "test_length": test_length,
+            "targets": (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)}
+
+
+def run_one(method: str, seed: int, steps: int | None = None, test_length: int = 200,
+            checkpoint: Path | None = None) -> dict:
+    """Train one (method, seed), write its checkpoint (if a path is given), score every domain."""
+    spec = METHODS[method]
+    cfg = train_config(method, seed, steps)
+    proto = protocol(test_length)
+    sets = tw.benchmark_datasets(seed, proto)
+    seed_everything(seed)
+    model = build_model(spec.builder, spec.builder_kwargs)
+    source = sets.pop("train")
+    if spec.augment:
+        source = Augmented(source, seed=seed)
+    hist = train(model, source, cfg, val_dataset=sets.pop("val"))
+    modules = module_closure(spec.builder.split(":")[0].removeprefix("lessons."))
+    meta = {"builder": spec.builder, "builder_kwargs": spec.builder_kwargs, "method": method,
+            "lesson": spec.lesson, "seed": seed, "train_config": asdict(cfg),
+            "toyworld_version": tw.TOYWORLD_VERSION, "lessons_modules": modules,
+            "lessons_digest": lessons_digest(modules), "best_step": hist.best_step,
+            "val_miou": hist.best_miou, "seconds": round(hist.seconds, 1),
+            "augment": spec.augment, "hardware": hardware(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint or Path(tmp) / f"{method}_seed{seed}.safetensors"
+        state = (model.trainable_state_dict() if hasattr(model, "trainable_state_dict")
+                 else trainable_state_dict(model))         # a plain nn.Module: the scratch nets
+        save_lesson_checkpoint(path, state, meta)
+        scored, _ = load_lesson_checkpoint(path)      # score what was written (fp16)
+    miou, class_iou = {}, {}
+    for domain, dataset in sets.items():
+        result = evaluate(scored, dataset)
+        miou[domain] = result["mean_iou"]
+        class_iou[domain] = [None if math.isnan(v) else round(float(v), 4)   # absent: None
+                             for v in result["per_class_iou"].tolist()]
+    return {**{k: meta[k] for k in ("method", "seed", "best_step", "val_miou", "seconds",
+                                     "augment", "hardware", "torch", "lessons_digest")},
+            "toyworld_version": tw.TOYWORLD_VERSION, "train_config": asdict(cfg),
+            "test_length": test_length, "miou": miou, "class_iou": class_iou,
+            "trainable_parameters": count_parameters(model),
+            "checkpoint": checkpoint.name if checkpoint else None,
+            "final_loss": float(np.mean(hist.loss[-20:]))}
+
+
+def load_results(path: Path = RESULTS_FILE) -> dict:
+    if not path.exists():
+        return {"runs": {}}
+    return json.loads(path.read_text())
+
+
+def is_done(record: dict | None, cfg: TrainConfig, test_length: int, augment: bool) -> bool:
+    return (record is not None and record.get("toyworld_version") == tw.TOYWORLD_VERSION
+            and record.get("train_config") == asdict(cfg)
+            and record.get("test_length") == test_length and record.get("augment") == augment)
+
+
+def paired_difference(results: dict, a: str, b: str, domain: str = "targets' mean",
+                      confidence: float = 0.95) -> dict:
+    """Method ``a`` minus method ``b`` seed by seed (mIoU points): the mean of the per-seed
+    differences, its sample standard deviation, a ``confidence`` t interval, and ``resolved``
+    (the interval excludes zero). Only seeds both methods ran count."""
+    def per_seed(method: str) -> dict[int, float]:
+        out = {}
+        for rec in results["runs"].values():
+            if rec["method"] == method:
+                targets = [v for d, v in rec["miou"].items() if d in tw.TARGET_DOMAINS]
+                value = np.mean(targets) if domain == "targets' mean" else rec["miou"][domain]
+                out[rec["seed"]] = 100 * float(value)
+        return out
+
+    ra, rb = per_seed(a), per_seed(b)
+    seeds = sorted(set(ra) & set(rb))
+    if len(seeds) < 2:
+        raise ValueError(f"{a} and {b} share {len(seeds)} seed(s); a paired interval needs 2+")
+    d = np.array([ra[s] - rb[s] for s in seeds])
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+    low, high = float(d.mean()) - half, float(d.mean()) + half
+    return {"a": a, "b": b, "domain": domain, "seeds": seeds, "mean": float(d.mean()),
+            "sd": sd, "low": low, "high": high, "resolved": low > 0 or high < 0}
+
+
+def summary(results: dict, methods: list[str] | None = None) -> dict[str, dict]:
+    """Per method: mean, sample standard deviation (ddof = 1; NaN for one seed) and the number of
+    seeds, of mIoU per domain and the targets' mean (percent)."""
+    by_method: dict[str, list[dict]] = {}
+    for rec in results["runs"].values():
+        by_method.setdefault(rec["method"], []).append(rec["miou"])
+    out = {}
+    for m in methods or [m for m in METHODS if m in by_method]:
+        runs = by_method.get(m, [])
+        if not runs:
+            continue
+        domains = [d for d in (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS) if d in runs[0]]
+        targets = domains[1:]
+        vals = {d: 100 * np.array([r[d] for r in runs]) for d in domains}
+        vals["targets' mean"] = np.mean([vals[d] for d in targets], axis=0)
+        out[m] = {d: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+                      len(v)) for d, v in vals.items()}
+    return out
+
+
+def markdown_table(results: dict, methods: list[str] | None = None) -> str:
+    """mIoU (%) mean ± sample std over seeds, a row per method."""
+    s = summary(results, methods)
+    if not s:
+        return "(no results yet)"
+    domains = list(next(iter(s.values())))
+    lines = ["| method | seeds | " + " | ".join(domains) + " |",
+             "|---|---|" + "---|" * len(domains)]
+    for m, row in s.items():
+        n = next(iter(row.values()))[2]
+        cells = [f"{mu:.1f} ± {sd:.1f}" if n > 1 else f"{mu:.1f}" for mu, sd, _ in row.values()]
+        lines.append(f"| {METHODS[m].label or m} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
