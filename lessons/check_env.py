@@ -84,13 +84,11 @@ def main() -> int:
         ok_all &= ok
         print(f"[{'OK' if ok else 'FAIL'}] {name} {have} (need >={minimum})")
     try:
-        import torch
+        import torch  # noqa: F401
 
-        if torch.cuda.is_available():
-            dev = f"cuda ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})"
-        else:
-            dev = f"cpu ({torch.get_num_threads()} threads)"
-        print(f"[OK] device: {dev}")
+        from lessons.utils import get_device, hardware
+
+        print(f"[OK] device: {get_device()}, {hardware()}")
     except ImportError:
         print("[FAIL] device: torch is not importable")
         ok_all = False

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -42,14 +41,9 @@ import torch
 from torch import nn
 
 from lessons.classes import NUM_CLASSES
+from lessons.utils import hardware
 from reprod.experiment import Experiment, build_model, load_experiment
 from reprod.models import trainable_parameters
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def synthetic_batch(batch: int, size: int, device: torch.device, seed: int = 0

@@ -53,7 +53,6 @@ import datetime
 import functools
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -75,7 +74,7 @@ from lessons.mask2former import slide_inference
 from lessons.metrics import ConfusionMatrix, mean_iou, per_class_iou
 from lessons.papers import Table, get_table, load_paper_results
 from lessons.train import predict, resize_to
-from lessons.utils import get_device
+from lessons.utils import get_device, hardware
 from reprod.data.datasets import ACDC_CONDITIONS
 from reprod.safe_io import atomic_write_text
 
@@ -546,11 +545,8 @@ def paper_row(table_id: str, method: str, backbone: str | None) -> dict[str, flo
 def run_info(device: str | torch.device | None = None) -> dict[str, Any]:
     """Date, versions and hardware, for a report's ``extra``."""
     device = torch.device(device) if device is not None else get_device()
-    hardware = f"CPU ({os.cpu_count()} cores)"
-    if device.type == "cuda":
-        hardware = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "hardware": hardware, "device": str(device), "python": sys.version.split()[0],
+            "hardware": hardware(device), "device": str(device), "python": sys.version.split()[0],
             "torch": torch.__version__, "platform": platform.platform()}
 
 

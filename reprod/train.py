@@ -62,6 +62,7 @@ from tqdm import tqdm
 from lessons.checkpoints import trainable_state_dict
 from lessons.train import NonFiniteLoss as StepNonFinite
 from lessons.train import TrainConfig, compute_losses, make_optimizer, poly_lr, train_step
+from lessons.utils import hardware
 from reprod.experiment import (
     Experiment,
     build_model,
@@ -299,10 +300,8 @@ def run_info(exp: Experiment, d: Dist, argv: Sequence[str]) -> dict:
         except md.PackageNotFoundError:
             return None
 
-    hw = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     return {"experiment": exp.name, "command": " ".join(argv), "world_size": d.world,
-            "hardware": hw, "python": platform.python_version(),
+            "hardware": hardware(d.device), "python": platform.python_version(),
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
                          **{p: version(p) for p in ("timm", "open_clip_torch", "diffusers",
                                                     "dgss-lessons")}},

@@ -17,11 +17,11 @@ from lessons.classes import IGNORE_INDEX, NUM_CLASSES
 from lessons.toyworld import ToyWorld
 from lessons.train import (
     History,
+    NonFiniteLoss,
     TrainConfig,
     domain_table,
     evaluate,
     evaluate_domains,
-    NonFiniteLoss,
     lr_factor,
     make_optimizer,
     poly_lr,

@@ -193,3 +193,12 @@ def test_lessons_digest_follows_a_new_import(package_copy):
     viz = package_copy / "viz.py"
     viz.write_text(viz.read_text() + "\n")
     assert lessons_digest(["baselines"]) != after   # viz's source now counts
+
+
+def test_hardware_names_the_cpu_or_the_gpu(monkeypatch):
+    cpu = utils.hardware("cpu")
+    assert cpu.startswith("CPU (") and utils.cpu_name() in cpu
+    assert f"{torch.get_num_threads()} threads" in cpu
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert utils.hardware("cuda:0") == "NVIDIA H100 80GB HBM3 (CUDA 13.0)"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lessons.ssm import default_chunk_size, selective_scan
-from lessons.utils import set_threads
+from lessons.utils import hardware, set_threads
 
 SHAPES: dict[str, tuple[int, int, int, int]] = {
     "issue": (2, 512, 2048, 16),
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                  "(part of the dev extra)")
     threads = set_threads(args.threads)
     print(f"selective scan, float32, {threads} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}; medians of {args.repeats} runs")
+          f"{hardware('cpu')}; medians of {args.repeats} runs")
     rows = []
     for name in args.shapes:
         for chunk in args.chunk_sizes:

@@ -90,7 +90,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -802,18 +801,6 @@ def _parse_size(text: str) -> Size:
     return h, w
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def _one_process_costs(stream: TrainingStream, count: int) -> tuple[float, float]:
     """Mean milliseconds of decoding an item and of running the pipeline on it, in-process."""
     decode = augment = 0.0
@@ -847,9 +834,9 @@ def measure(stream: TrainingStream, workers: int, batch: int, seconds: float
 
 def bench(args: argparse.Namespace) -> int:
     """The ``bench`` command: print images/s of decode + pipeline through a DataLoader."""
+    from lessons.utils import hardware
     from reprod.data.datasets import build_dataset
     from reprod.prepare_data import class_stats, write_stats
-    from reprod.toy.resumable import hardware
 
     if args.workers < 0 or args.batch < 1 or args.seconds <= 0:
         raise ValueError("need --workers >= 0, --batch >= 1 and --seconds > 0")
@@ -875,7 +862,7 @@ def bench(args: argparse.Namespace) -> int:
             rcs = RareClassSampler.from_stats(stats_dir, args.min_pixels)
         pipeline = TrainPipeline(PipelineConfig(kind=args.pipeline, crop=args.crop))
         stream = TrainingStream(files, pipeline, args.seed, rcs)
-        print(f"hardware: {_cpu_name()}, {os.cpu_count()} cores ({hardware()})")
+        print(f"hardware: {hardware()}")
         print(f"pipeline: {args.pipeline}, crop {args.crop}, rcs "
               f"{'on' if rcs else 'off'}; {pipeline.config.to_dict()}")
         dec, aug = _one_process_costs(stream, min(4, len(files)))
