@@ -20,7 +20,7 @@ the U-Net's features carry at the *strong-noise* timestep. A linear probe (Batch
 on the hooked up-block features, resized to 16x32) trained on the ``synthetic`` source only and
 scored on every domain, for the trained teacher at t_s and t_w and for a random-init U-Net.
 
-Dimension glossary: B batch, H W image size (32x64 for the U-Net).
+Dimension glossary: B batch, H W image size (64x128 for the U-Net).
 """
 
 from __future__ import annotations
@@ -183,6 +183,7 @@ def layout_probe(weights: str | Path | None, steps: int = 300, test_length: int 
 def write_card(run: DiffusionRun, measured: dict | None, weights: Path) -> Path:
     """The toy diffusion teacher's model card beside its weights (markdown and JSON)."""
     from lessons.train import domain_table
+    from reprod.toy.resumable import data_lines, gate_section
 
     t_w, t_s = toy_timesteps()
     facts = card_facts(run, "toy_diffusion", weights) | {
@@ -191,23 +192,25 @@ def write_card(run: DiffusionRun, measured: dict | None, weights: Path) -> Path:
     lines = [
         "# Model card: toy diffusion teacher (`toy_diffusion`)", "",
         "A DDPM for ToyWorld, QueryDiff's frozen teacher in notebook 05: diffusers `UNet2DModel`",
-        "on 32x64 RGB pixels (no VAE), blocks 32/64/64, one resnet per block, attention at",
+        "on 64x128 RGB pixels (no VAE), blocks 32/64/64/64, one resnet per block, attention at",
         f"8x16 ({n_params:,} parameters), fp16, DDPM's linear schedule (1e-4 -> 0.02, 1000).", "",
         "## Training", "",
-        "The DDPM noise-prediction loss (`python -m reprod.toy.pretrain diffusion`) on",
-        "`random`-style renders (64x128, area-downsampled to 32x64, random flip); no labels.",
+        "The DDPM noise-prediction loss (`python -m reprod.toy.pretrain diffusion`); no labels.",
         "The weights are the EMA of the trained network.", "",
         f"- steps: {run.step} of {run.cfg.steps}, batch {run.cfg.batch_size}, lr {run.cfg.lr},"
         f" EMA {run.cfg.ema}, bf16 autocast {run.cfg.bf16}",
         f"- wall time: {run.seconds / 60:.1f} min on {facts['hardware']}",
         f"- seed: {run.cfg.seed}; ToyWorld {run.cfg.toyworld_version}; sha256 "
         f"{facts['sha256'][:16]}...",
-        "- pretraining styles: the `random` sampler (never the `streetview` palette family or",
-        "  the painted style: those two targets are unseen).", "",
+        *data_lines(f"broader than the student's: ToyWorld's `web` world, and one image in "
+                    f"{round(1 / run.cfg.painted_fraction)} in the painted style (Stable "
+                    "Diffusion saw paintings; the toy VFM and VLM never see that family)",
+                    teacher=True), "",
         "## QueryDiff's timesteps", "",
         "SD 2.1's t_w = 0 and t_s = 100 keep alpha-bar 0.99915 and 0.8942 of the signal; on this",
         f"schedule the same noise levels are **t_w = {t_w}** and **t_s = {t_s}**",
-        "(`lessons.querydiff.toy_timesteps`).", ""]
+        "(`lessons.querydiff.toy_timesteps`).", "",
+        *gate_section(("G5",), weights)]
     if measured:
         lines += ["## Measured: layout probe (`python -m reprod.toy.pretrain diffusion --export "
                   "--card`)", "",

@@ -242,14 +242,35 @@ def measure(gates: Sequence[str] = GATES, small: bool = False,
                                                  small)
             verdicts |= check_teacher(results["teacher"])
         seconds["+".join(group)] = round(time.perf_counter() - start, 1)
+    from reprod.toy.resumable import sha256
+
+    used = {f.name: sha256(f) for f in (weights / n for n in ("toy_vfm.safetensors",
+            "toy_vlm.safetensors", "toy_diffusion.safetensors")) if f.is_file()}
     return {"toyworld_version": tw.TOYWORLD_VERSION, "small": small, "results": results,
-            "gates": verdicts, "seconds": seconds}
+            "gates": verdicts, "seconds": seconds, "weights": used}
 
 
-def _recorded(key: str) -> dict | None:
-    if GATES_FILE.is_file():
-        return json.loads(GATES_FILE.read_text())["results"].get(key)
+def _recorded(key: str, path: Path = GATES_FILE) -> dict | None:
+    if path.is_file():
+        return json.loads(path.read_text())["results"].get(key)
     return None
+
+
+def probe_table(weights: Path, small: bool = False) -> dict[str, dict[str, float]]:
+    """A VFM card's probe rows: the source-trained probe on these frozen features per domain,
+    beside the random-init ViT's (G1's rows when these are the gated weights)."""
+    recorded = _recorded("probes", weights.parent / GATES_FILE.name)
+    names = ("frozen toy VFM + linear", "random-init ViT + linear")
+    if weights.name == "toy_vfm.safetensors" and recorded:
+        return {k: recorded[k] for k in names}
+    s = _scale(small)
+    tests = _tests(s["test"])
+    source = tw.ToyWorld(tw.SOURCE_DOMAIN, "train", length=s["train"])
+    probe = _fit(lambda: LinearProbe(build_encoder("toy_vfm", weights)), source, s["steps"])
+    rows = {f"frozen {weights.stem} + linear": evaluate_domains(probe, tests)}
+    if recorded:
+        rows |= {k: recorded[k] for k in names}
+    return rows
 
 
 def gate_lines(verdicts: dict) -> list[str]:
@@ -280,9 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(measured["seconds"]))
     out = args.out or (None if args.small else GATES_FILE)
     if out is not None:
-        old = json.loads(out.read_text()) if out.is_file() else {"results": {}, "gates": {},
-                                                                  "seconds": {}}
-        for key in ("results", "gates", "seconds"):
+        old = json.loads(out.read_text()) if out.is_file() else {}
+        for key in ("results", "gates", "seconds", "weights"):
             old[key] = {**old.get(key, {}), **measured[key]}
         old["toyworld_version"], old["small"] = measured["toyworld_version"], args.small
         out.write_text(json.dumps(old, indent=1) + "\n")

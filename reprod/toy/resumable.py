@@ -160,3 +160,30 @@ class ResumableRun:
                       + " ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
         self.seconds += time.perf_counter() - start
         self.save()
+
+
+def data_lines(what: str, teacher: bool = False) -> list[str]:
+    """A card's lines on its pretraining data and the benchmark looks that data contains."""
+    from lessons import toyworld as tw
+
+    inside = list(tw.PRETRAINING["covered_targets"]) + (["painted"] if teacher else [])
+    outside = [d for d in tw.PRETRAINING["outside"] if not (teacher and d == "painted")]
+    return [f"- data: {what}",
+            f"- benchmark looks inside its data: {', '.join(inside)}; outside it: "
+            f"{', '.join(outside)} (the source's rendered family, streetview's family with its "
+            "glass panels and pavers" + ("" if teacher else ", the painted style") + ")"]
+
+
+def gate_section(names: tuple[str, ...], weights: Path) -> list[str]:
+    """The card's gate lines (``reprod.toy.gates``), if the gates were measured on these weights."""
+    import json
+
+    from reprod.toy.gates import GATES_FILE, gate_lines
+
+    path = weights.parent / GATES_FILE.name
+    if not path.is_file():
+        return ["Gates: not measured yet (`python -m reprod.toy.gates`).", ""]
+    record = json.loads(path.read_text())
+    verdicts = {k: v for k, v in record["gates"].items() if k in names}
+    return ["## Gates (`python -m reprod.toy.gates`, fixed before any method ran on world 2)", "",
+            *[f"- {line}" for line in gate_lines(verdicts)], ""]

@@ -253,6 +253,7 @@ def measure(weights: str | Path, random_too: bool = True) -> dict:
 def write_card(run: VLMRun, measured: dict | None, weights: Path) -> Path:
     """The toy VLM's model card beside its weights (markdown, and the facts as JSON)."""
     from lessons.train import domain_table
+    from reprod.toy.resumable import data_lines, gate_section
 
     facts = card_facts(run, "toy_vlm", weights) | {"held_out_class": HELD_OUT_CLASS,
                                                     "measured": measured}
@@ -263,18 +264,22 @@ def write_card(run: VLMRun, measured: dict | None, weights: Path) -> Path:
         "192, 6 blocks; text tower width 64, 4 blocks, context 32, open_clip's BPE tokenizer;",
         f"joint embedding 128 ({n_params:,} parameters), stored in fp16.", "",
         "## Training", "",
-        "Contrastive image-text pretraining (`python -m reprod.toy.pretrain vlm`) on",
-        "`random`-style renders and captions written from scene metadata (`lessons.captions`):",
-        "half whole views (classes, counts, weather, look; clause dropout, synonyms), half crops",
-        "captioned with their largest classes, often in the downstream prompt forms. Equal",
-        f"captions in a batch count as positives. The class `{HELD_OUT_CLASS}` is named in",
-        "captions; CAT-Seg's unseen-class lesson keeps it out of segmentation training only.", "",
+        "Contrastive image-text pretraining (`python -m reprod.toy.pretrain vlm`) on web renders",
+        "and captions written from scene metadata (`lessons.captions`), mostly about content:",
+        "classes, counts, where things are, relations and subtypes (a van, a double-decker);",
+        "the weather in one caption in ten, the look in one in twenty. A third of the pairs are",
+        "crops captioned by the classes filling them, often in the downstream prompt forms.",
+        "CLIP's symmetric InfoNCE (equal captions count as positives) plus a region term: each",
+        f"whole view brings {run.cfg.regions} captioned boxes, and a box's mean MaskCLIP-form",
+        "dense embedding must match its caption. The class "
+        f"`{HELD_OUT_CLASS}` is named in captions; CAT-Seg's",
+        "unseen-class lesson keeps it out of segmentation training only.", "",
         f"- steps: {run.step} of {run.cfg.steps}, batch {run.cfg.batch_size} pairs",
         f"- wall time: {run.seconds / 60:.1f} min on {facts['hardware']}",
         f"- seed: {run.cfg.seed}; ToyWorld {run.cfg.toyworld_version}; sha256 "
         f"{facts['sha256'][:16]}...",
-        "- pretraining styles: the `random` sampler (never the `streetview` palette family or",
-        "  the painted style: those two targets are unseen).", ""]
+        *data_lines("ToyWorld's `web` world, as the toy VFM's"), "",
+        *gate_section(("G4",), weights)]
     if measured:
         lines += ["## Measured (`python -m reprod.toy.pretrain vlm --export --card`)", ""]
         for name, m in measured.items():
