@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +55,47 @@ from torch import nn
 from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder
 from lessons.checkpoints import trainable_state_dict
 from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
-from lessons.rein import ConversionReport, read_official_checkpoint
+from lessons.convert import CATSEG_AGGREGATOR as OFFICIAL_AGGREGATOR
+from lessons.convert import CATSEG_CLIP as OFFICIAL_CLIP
+from lessons.convert import convert_official_catseg, load_official_catseg
 from lessons.segmentor import optimizer_groups
 from lessons.text import TEMPLATES, TextEmbeddingCache, format_prompts, text_tower, tokenize
+
+# with the names of the official converter (lessons.convert) this lesson introduces
+__all__ = [
+    "CATSEG_B",
+    "CATSEG_L",
+    "FINETUNE_MODES",
+    "HELD_OUT_CLASS",
+    "OFFICIAL_AGGREGATOR",
+    "OFFICIAL_CLIP",
+    "TOY_CATSEG",
+    "Aggregator",
+    "AggregatorLayer",
+    "CATSeg",
+    "CATSegConfig",
+    "ClassAggregation",
+    "ClassAttention",
+    "DoubleConv",
+    "GuidedWindowAttention",
+    "SpatialAggregation",
+    "SwinBlock",
+    "Up",
+    "build_toy_catseg",
+    "catseg_loss",
+    "convert_official_catseg",
+    "cost_volume",
+    "full_attention",
+    "linear_attention",
+    "load_official_catseg",
+    "set_clip_finetuning",
+    "shift_mask",
+    "sliding_inference",
+    "split_attention_qkv",
+    "split_qkv_state_dict",
+    "top_classes",
+    "trainable_parameter_counts",
+]
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -727,65 +764,6 @@ def trainable_parameter_counts(cfg: CATSegConfig, text_width: int, visual_depth:
     }
     parts["total"] = sum(parts.values())
     return parts
-
-
-OFFICIAL_AGGREGATOR = "sem_seg_head.predictor.transformer."
-OFFICIAL_CLIP = "sem_seg_head.predictor.clip_model."
-_RECOMPUTED = ("attn_mask",)                  # Swin shift masks: recomputed, not stored here
-_NON_PERSISTENT = ("pixel_mean", "pixel_std", "clip_pixel_mean", "clip_pixel_std")
-
-
-def convert_official_catseg(checkpoint: Mapping, model: CATSeg
-                            ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """An official CAT-Seg checkpoint (detectron2 ``{"model": state_dict}``) -> our state dict.
-
-    Aggregator keys (``sem_seg_head.predictor.transformer.*``) map by prefix onto
-    ``aggregator.*``, ``upsample1/2.*`` keep their names, CLIP keys
-    (``sem_seg_head.predictor.clip_model.*``) map onto ``encoder.model.*`` (fused
-    ``in_proj_weight``, from a stock CLIP, is split on the way). The Swin blocks' stored shift
-    masks are skipped (recomputed here). Every key is accounted for in the report.
-    """
-    sd = checkpoint.get("model", checkpoint)
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError("expected a detectron2 checkpoint: a dict of tensors, or one under "
-                         "'model'")
-    sd = split_qkv_state_dict(sd)
-    ours = model.state_dict()
-    out, report = {}, ConversionReport(what="CAT-Seg")
-    for key, value in sd.items():
-        if key.startswith(OFFICIAL_AGGREGATOR):
-            name = "aggregator." + key[len(OFFICIAL_AGGREGATOR):]
-        elif key.startswith(OFFICIAL_CLIP):
-            name = "encoder.model." + key[len(OFFICIAL_CLIP):]
-        elif key.startswith(("upsample1.", "upsample2.")):
-            name = key
-        else:
-            report.other.append(key)
-            continue
-        if key.endswith(_RECOMPUTED) or key.endswith(_NON_PERSISTENT):
-            report.other.append(key)
-        else:
-            report.place(key, name, value, ours, out)
-    loaded = {ours[k].data_ptr() for k in out if ours[k].numel()}
-    # our aliases (encoder.vit.* is encoder.model.visual.*) are covered by their storage
-    report.missing = [k for k in ours if k not in out
-                      and not (ours[k].numel() and ours[k].data_ptr() in loaded)]
-    return out, report
-
-
-def load_official_catseg(path: str | Path, model: CATSeg, strict: bool = True
-                         ) -> ConversionReport:
-    """Load a released CAT-Seg ``.pth`` (``model_base.pth`` / ``model_large.pth``) into
-    ``model`` with ``weights_only=True``; returns the report (``strict``: any missing,
-    unexpected or mis-shaped key is an error that lists them)."""
-    ckpt = read_official_checkpoint(path, "the released CAT-Seg weights are in the Hugging Face "
-                                          "repository hamacojr/CAT-Seg-weights (see the official "
-                                          "README); download them on a machine with internet")
-    sd, report = convert_official_catseg(ckpt, model)
-    if strict and not report.ok:
-        raise ValueError(f"{path} does not fit this CAT-Seg:\n{report}")
-    model.load_state_dict(sd, strict=False)
-    return report
 
 
 # ----------------------------------------------------------------------------------------------

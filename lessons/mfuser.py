@@ -55,8 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,8 +63,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lessons.backbones import Encoder, _attention_pool_dense, build_encoder
-from lessons.checkpoints import trainable_keys
 from lessons.classes import CLASSES
+from lessons.convert import convert_official_mfuser, load_official_mfuser
+from lessons.convert import official_mfuser_to_ours as official_to_ours
 from lessons.mask2former import (
     MFUSER_M2F,
     TOY_VFM_WEIGHTS,
@@ -81,8 +80,31 @@ from lessons.mask2former import (
     pixel_text_scores,
     toy_config,
 )
-from lessons.rein import ConversionReport, read_official_checkpoint
 from lessons.ssm import IMPLS, RMSNormGated, init_dt_bias, s4d_real_A_log, selective_scan
+
+# with the names of the official converter (lessons.convert) this lesson introduces
+__all__ = [
+    "ENHANCERS",
+    "FUSIONS",
+    "MFUSER_VARIANTS",
+    "ConcatFuser",
+    "CrossAttentionFuser",
+    "FusedEncoder",
+    "MFuserSegmentor",
+    "MTEnhancer",
+    "MVFuser",
+    "SelfAttentionMixer",
+    "SeparateFuser",
+    "build_context_decoder",
+    "build_mfuser",
+    "build_toy_mfuser",
+    "convert_official_mfuser",
+    "load_official_mfuser",
+    "make_fuser",
+    "official_to_ours",
+    "pixel_text_sigmoid_loss",
+    "trainable_parameter_counts",
+]
 
 # ----------------------------------------------------------------------------------------------
 # MVFuser (Fig. 2b)
@@ -617,104 +639,3 @@ def trainable_parameter_counts(model: MFuserSegmentor) -> dict[str, int]:
         raise AssertionError(f"parts sum to {parts['total']} but {trainable} parameters train")
     return parts
 
-
-# ----------------------------------------------------------------------------------------------
-# The official checkpoint
-# ----------------------------------------------------------------------------------------------
-
-_BACKBONE_RULES = [
-    (r"^backbone\.adapter\.(\d+)\.", r"encoder.fusers.\1.mixer."),
-    (r"^backbone\.adapter_proj([12])\.(\d+)\.", r"encoder.proj\1.\2."),
-    (r"^backbone\.adapter_proj3\.", "encoder.proj3."),
-    (r"^backbone\.fpn2\.0\.", "neck.fpn2."),     # the code's Sequential(ConvT); ours is bare
-    (r"^backbone\.fpn(\d)\.", r"neck.fpn\1."),
-    (r"^gamma$", "context_decoder.gamma"),
-    (r"^contexts$", "prompts.contexts"),
-    (r"^context_decoder\.", "context_decoder."),
-]
-_PIXEL_DECODER_RULES = [     # mmcv / mmdet names (tqdm's head) -> lessons.mask2former's
-    (r"input_convs\.(\d)\.conv\.", r"input_convs.\1.0."),
-    (r"input_convs\.(\d)\.gn\.", r"input_convs.\1.1."),
-    (r"encoder\.layers\.(\d+)\.attentions\.0\.", r"layers.\1.self_attn."),
-    (r"encoder\.layers\.(\d+)\.attentions\.1\.attn\.", r"layers.\1.text_attn."),
-    (r"encoder\.layers\.(\d+)\.ffn\.", r"layers.\1.ffn."),
-    (r"encoder\.layers\.(\d+)\.norms\.0\.", r"layers.\1.norm1."),
-    (r"encoder\.layers\.(\d+)\.norms\.1\.", r"layers.\1.norm_text."),
-    (r"encoder\.layers\.(\d+)\.norms\.2\.", r"layers.\1.norm2."),
-    (r"encoder\.post_norm\.", "post_norm."),
-    (r"lateral_convs\.0\.conv\.", "lateral_conv.0."),
-    (r"lateral_convs\.0\.gn\.", "lateral_conv.1."),
-    (r"output_convs\.0\.conv\.", "output_conv.0."),
-    (r"output_convs\.0\.gn\.", "output_conv.1."),
-]
-_TRANSFORMER_DECODER_RULES = [
-    (r"layers\.(\d+)\.attentions\.0\.attn\.", r"layers.\1.cross_attn."),
-    (r"layers\.(\d+)\.attentions\.1\.attn\.", r"layers.\1.self_attn."),
-    (r"layers\.(\d+)\.norms\.0\.", r"layers.\1.norm1."),
-    (r"layers\.(\d+)\.norms\.1\.", r"layers.\1.norm2."),
-    (r"layers\.(\d+)\.norms\.2\.", r"layers.\1.norm3."),
-]
-_HEAD_TOP = {"level_embed": "transformer_decoder.level_embed", "cls_embed":
-             "transformer_decoder.cls_embed", "mask_embed": "transformer_decoder.mask_embed"}
-
-
-def official_to_ours(key: str) -> str | None:
-    """Our state-dict name for an official MFuser key, or None for what we do not convert (the
-    frozen towers, the text encoder, EVA's unused ``random_text``)."""
-    for pattern, repl in _BACKBONE_RULES:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
-    if not key.startswith("decode_head."):
-        return None
-    rest = key[len("decode_head."):]
-    part, _, tail = rest.partition(".")
-    if part in _HEAD_TOP:
-        return f"head.{_HEAD_TOP[part]}.{tail}"
-    if part in ("pixel_decoder", "transformer_decoder"):
-        tail = tail.replace("ffns.0.layers.0.0.", "ffn.0.").replace("ffns.0.layers.1.", "ffn.2.")
-        rules = _PIXEL_DECODER_RULES if part == "pixel_decoder" else _TRANSFORMER_DECODER_RULES
-        for pattern, repl in rules:
-            tail = re.sub("^" + pattern, repl, tail)
-        return f"head.{part}.{tail}"
-    return f"head.{rest}"                       # query_embed, text_proj
-
-
-def convert_official_mfuser(checkpoint: Mapping, model: MFuserSegmentor
-                            ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """An official MFuser checkpoint (mmseg ``{"state_dict": ...}``) -> our trainable state.
-
-    MVFusers, projections, FPN, context decoder (MTEnhancer), ``gamma``, ``contexts`` and the
-    Mask2Former head are converted by name (mmcv's names mapped to ours); the frozen towers and
-    the text encoder come from the pretrained files and are reported under ``other``, as are
-    SigLIP's created-but-unused ``adapter_proj*`` when the model has no projections.
-    """
-    sd = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError("expected an mmseg checkpoint: a dict of tensors, or one under "
-                         "'state_dict'")
-    ours = model.state_dict()
-    out, report = {}, ConversionReport(what="MFuser")
-    no_proj = model.encoder.proj1 is None
-    for key, value in sd.items():
-        name = official_to_ours(key)
-        if name is None or (no_proj and key.startswith("backbone.adapter_proj")):
-            report.other.append(key)
-            continue
-        if key == "contexts" and value.dim() == 3:
-            value = value[0]                                   # (1, N_ctx, C) -> (N_ctx, C)
-        report.place(key, name, value, ours, out)
-    report.missing = sorted(k for k in trainable_keys(model) if k not in out)
-    return out, report
-
-
-def load_official_mfuser(path: str | Path, model: MFuserSegmentor, strict: bool = True
-                         ) -> ConversionReport:
-    """Load a released MFuser ``.pth`` (``weights_only=True``) into ``model``; returns the report
-    (``strict``: any missing, unexpected or mis-shaped key is an error that lists them)."""
-    ckpt = read_official_checkpoint(path, "the released MFuser checkpoints are linked (Google "
-                                          "Drive) from the official README (devinxzhang/MFuser)")
-    sd, report = convert_official_mfuser(ckpt, model)
-    if strict and not report.ok:
-        raise ValueError(f"{path} does not fit this MFuser:\n{report}")
-    model.load_state_dict(sd, strict=False)
-    return report

@@ -40,14 +40,33 @@ r LoRA rank, c embedding width, q query width.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from lessons.backbones import Adapter, Encoder, TokenGrid
+
+# The official checkpoint's converter lives in lessons.convert with the other methods'; its
+# names stay importable from here.
+from lessons.convert import (
+    OFFICIAL_PREFIX,
+    ConversionReport,
+    convert_official_rein,
+    load_official_rein,
+    read_official_checkpoint,
+)
+
+__all__ = [
+    "LINK_REDUCTIONS",
+    "OFFICIAL_PREFIX",
+    "VIT_L",
+    "ConversionReport",
+    "Reins",
+    "convert_official_rein",
+    "load_official_rein",
+    "read_official_checkpoint",
+    "rein_parameter_count",
+]
 
 LINK_REDUCTIONS = ("max", "mean", "last")
 
@@ -211,106 +230,3 @@ def rein_parameter_count(**overrides) -> int:
         reins = Reins(**{**VIT_L, **overrides})
     return sum(p.numel() for p in reins.parameters())
 
-
-# ----------------------------------------------------------------------------------------------
-# Official checkpoints
-# ----------------------------------------------------------------------------------------------
-OFFICIAL_PREFIX = "backbone.reins."
-
-
-@dataclass
-class ConversionReport:
-    """What happened to every key of an official checkpoint during conversion."""
-
-    converted: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)      # ours, absent from the checkpoint
-    unexpected: list[str] = field(default_factory=list)   # under backbone.reins., unknown to us
-    mismatched: list[str] = field(default_factory=list)   # same name, other shape
-    other: list[str] = field(default_factory=list)        # outside backbone.reins. (head etc.)
-    verified: bool = False    # True only once a real released checkpoint has loaded
-    what: str = "Rein"        # whose tensors (the report of another method's converter)
-
-    def place(self, key: str, name: str, value: torch.Tensor, ours: Mapping[str, torch.Tensor],
-              out: dict[str, torch.Tensor]) -> None:
-        """Put the official ``key`` into ``out`` as our ``name`` if it fits ``ours`` (cast to our
-        dtype); otherwise record it as unexpected or mismatched."""
-        if name not in ours:
-            self.unexpected.append(key)
-        elif tuple(value.shape) != tuple(ours[name].shape):
-            self.mismatched.append(f"{key} {tuple(value.shape)} vs ours "
-                                   f"{tuple(ours[name].shape)}")
-        else:
-            out[name] = value.to(ours[name].dtype)
-            self.converted.append(key)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} {self.what} tensors"
-                 + ("" if self.verified else " (converter not yet verified on a released "
-                                                "checkpoint)")]
-        for name in ("missing", "unexpected", "mismatched"):
-            keys = getattr(self, name)
-            if keys:
-                lines.append(f"{name} ({len(keys)}): {', '.join(keys)}")
-        if self.other:
-            heads = sorted({k.split(".")[0] for k in self.other})
-            lines.append(f"not {self.what} ({len(self.other)} keys under {', '.join(heads)}): "
-                         f"left for their own converter")
-        return "\n".join(lines)
-
-
-def read_official_checkpoint(path: str | Path, where: str) -> Mapping:
-    """``torch.load(path, weights_only=True)`` with clear errors: a missing file says ``where``
-    the released weights come from; an unreadable one says why it failed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: {where}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:      # pickle, zip and torch each raise their own kind
-        raise ValueError(f"{path} is not a checkpoint torch can read with weights_only=True: "
-                         f"{type(e).__name__}: {e}") from e
-
-
-def convert_official_rein(checkpoint: Mapping[str, torch.Tensor] | Mapping[str, Mapping],
-                          reins: Reins) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """An official Rein checkpoint (mmseg ``state_dict``) -> a state dict for ``reins``.
-
-    Accepts the raw checkpoint (``{"state_dict": ..., "meta": ...}``) or its state dict. Keys under
-    ``backbone.reins.`` are matched by name and shape against ``reins``; the head
-    (``decode_head.*``) and any frozen backbone keys are reported under ``other``. Load the
-    result with ``reins.load_state_dict(sd, strict=report.ok)``.
-    """
-    sd = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError("expected an mmseg checkpoint: a dict of tensors, or one under "
-                         "'state_dict'")
-    ours = reins.state_dict()
-    out, seen, report = {}, set(), ConversionReport()
-    for key, value in sd.items():
-        if not key.startswith(OFFICIAL_PREFIX):
-            report.other.append(key)
-            continue
-        name = key[len(OFFICIAL_PREFIX):]
-        seen.add(name)
-        report.place(key, name, value, ours, out)
-    report.missing = [OFFICIAL_PREFIX + k for k in ours if k not in seen]
-    return out, report
-
-
-def load_official_rein(path: str | Path, reins: Reins, strict: bool = True) -> ConversionReport:
-    """Load an official Rein ``.pth`` into ``reins`` (weights_only); returns the report.
-
-    ``strict``: a missing, unexpected or mis-shaped Rein key is an error (the report says which);
-    with ``strict=False`` what fits is loaded and the rest keeps its initialisation.
-    """
-    ckpt = read_official_checkpoint(path, "the released Rein checkpoints are linked from the "
-                                          "official repository's README (w1oves/Rein)")
-    sd, report = convert_official_rein(ckpt, reins)
-    if strict and not report.ok:
-        raise ValueError(f"{path} does not fit these Reins:\n{report}")
-    reins.load_state_dict(sd, strict=report.ok)
-    return report

@@ -10,8 +10,8 @@ The config gives the model (its frozen parts from the local weight files it name
 datasets and the protocol (:mod:`reprod.protocols`: sliding window 512 / 341, Rein's
 1024 x 512 with half-size Mapillary, or tqdm / MFuser's full resolution). ``--checkpoint`` is
 ours (``final.safetensors`` or ``checkpoint.pt`` of ``reprod.train``) or, with ``--official``,
-a released ``.pth`` converted on the fly (:func:`lessons.mfuser.load_official_mfuser`,
-:func:`reprod.convert.load_official_rein_model`); the conversion report is printed and saved.
+a released ``.pth`` converted on the fly (:func:`lessons.convert.load_official_mfuser`,
+:func:`lessons.convert.load_official_rein_model`); the conversion report is printed and saved.
 Writes ``results.json`` and ``results.md`` (ours beside the paper's row of
 ``lessons/papers.yaml``) into ``--out`` (default ``runs/<name>/eval-<checkpoint>``).
 ``--max-images`` scores an evenly spread subset, marked as such in every table.
@@ -81,13 +81,11 @@ def load_trained(model: nn.Module, path: str | Path) -> list[str]:
 
 def load_official(model: nn.Module, path: str | Path, kind: str, strict: bool = True):
     """A released checkpoint converted into ``model``; returns the conversion report."""
-    if kind == "mfuser":
-        from lessons.mfuser import load_official_mfuser
+    from lessons.convert import load_official_mfuser, load_official_rein_model
 
+    if kind == "mfuser":
         return load_official_mfuser(path, model, strict=strict)
     if kind == "rein":
-        from reprod.convert import load_official_rein_model
-
         return load_official_rein_model(path, model, strict=strict)
     raise ValueError(f"unknown --official {kind!r}; choose from {OFFICIAL}")
 

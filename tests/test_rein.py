@@ -283,3 +283,23 @@ def test_load_official_rein_bad_files(tmp_path, vit_l_reins):
         load_official_rein(bad, vit_l_reins)
     with pytest.raises(ValueError, match="dict of tensors"):
         convert_official_rein({"state_dict": {"a": "b"}}, vit_l_reins)
+
+
+def test_verified_only_for_a_known_file_that_converts_cleanly(tmp_path, vit_l_reins, monkeypatch):
+    import lessons.convert as conv
+
+    path = tmp_path / "rein.pth"
+    official = _official_state_dict(seed=2)
+    torch.save({"state_dict": official}, path)
+    report = load_official_rein(path, vit_l_reins)
+    assert report.ok and not report.verified and report.sha256 == conv.file_sha256(path)
+    monkeypatch.setitem(conv.VERIFIED_CHECKPOINTS, report.sha256, "a checked release")
+    report = load_official_rein(path, vit_l_reins)
+    assert report.verified and "not yet verified" not in str(report)
+    official.pop(OFFICIAL_PREFIX + "scale")             # a known file that no longer fits
+    torch.save({"state_dict": official}, path)
+    monkeypatch.setitem(conv.VERIFIED_CHECKPOINTS, conv.file_sha256(path), "a checked release")
+    report = load_official_rein(path, vit_l_reins, strict=False)
+    assert not report.ok and not report.verified
+    _, report = convert_official_rein({"state_dict": _official_state_dict()}, vit_l_reins)
+    assert not report.verified                          # no file, no verification
