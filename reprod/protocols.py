@@ -380,6 +380,43 @@ def predict_image(model: nn.Module, image: torch.Tensor, protocol: str | Protoco
     return _predict_scores(model, image, protocol, spec, device, dtype)
 
 
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: the image at several scales, each also flipped, scored, resized
+    back and averaged as softmax probabilities.
+
+    The scales are mmsegmentation 0.x's ``--aug-test`` ones (``tools/test.py`` sets
+    ``img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]`` and ``flip = True``; tqdm ships that
+    script), applied to the whole image before the protocol's own resize and sliding window.
+    Off by default: none of the papers' tables uses it.
+    """
+
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    flip: bool = True
+
+    def apply(self, score, image: torch.Tensor) -> torch.Tensor:
+        """``score(image (3, h, w) uint8) -> (K, h, w)`` under every view of ``image`` (3, H, W);
+        the mean probabilities (K, H, W)."""
+        _check_image(image)
+        H, W = image.shape[-2:]
+        total, n = None, 0
+        for s in self.scales:
+            size = (max(1, int(H * s + 0.5)), max(1, int(W * s + 0.5)))
+            scaled = image if size == (H, W) else _resize_image(image, size)[0].to(torch.uint8)
+            for flipped in ((False, True) if self.flip else (False,)):
+                view = scaled.flip(-1) if flipped else scaled
+                probs = score(view).float().softmax(0)                  # (K, h, w)
+                probs = probs.flip(-1) if flipped else probs
+                probs = F.interpolate(probs[None], size=(H, W), mode="bilinear",
+                                      align_corners=False)[0]
+                total = probs if total is None else total + probs
+                n += 1
+        return total / n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scales": list(self.scales), "flip": self.flip}
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
