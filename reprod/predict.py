@@ -47,7 +47,7 @@ import argparse
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,7 @@ class Predictor:
     protocol: object = None
     target: str = "cityscapes"
     tta: bool = False
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     note: str = ""
 
     def scores(self, image: np.ndarray) -> torch.Tensor:
