@@ -9,7 +9,8 @@ ViT-L pair in under a second instead of minutes and gigabytes). The configs in
   to Mask2Former's 100 queries, Hungarian matching (rein_tqdm.md A2-A7);
 - ``mask2former``: the same head on a frozen or fully fine-tuned encoder with learnable queries
   (Rein's Frozen / Full baselines);
-- ``tqdm``: EVA02-CLIP-L/14-336 at 512 (patch 14 kept), fine-tuned at 0.1 x lr, SimpleFPN, 19
+- ``tqdm`` (:func:`tqdm_mask2former`, so the name does not shadow the progress bar):
+  EVA02-CLIP-L/14-336 at 512 (patch 14 kept), fine-tuned at 0.1 x lr, SimpleFPN, 19
   text queries, the context decoder (3 layers), both regularisers (rein_tqdm.md B2-B3);
 - ``querydiff``: ``rein_mask2former`` plus agent queries, refinement and Stable Diffusion 2.1's
   guidance (catseg_querydiff.md part 2);
@@ -108,10 +109,10 @@ def _text_tower_frozen(enc: Encoder) -> None:
             p.requires_grad_(False)          # the text tower and logit scale stay frozen
 
 
-def tqdm(backbone: str = "eva02_clip_l14_336", weights: str | Path | None = None,
-         image_size: int = 512, n_ctx: int = 8, context_layers: int = 3,
-         backbone_lr_mult: float = 0.1, regularizers: bool = True, meta: bool = False
-         ) -> MaskFormerSegmentor:
+def tqdm_mask2former(backbone: str = "eva02_clip_l14_336", weights: str | Path | None = None,
+                     image_size: int = 512, n_ctx: int = 8, context_layers: int = 3,
+                     backbone_lr_mult: float = 0.1, regularizers: bool = True,
+                     meta: bool = False) -> MaskFormerSegmentor:
     """tqdm (``tqdm_eva_vit-l_1e-5_20k-g2c-512.py``): the VLM's visual tower fine-tuned at
     ``backbone_lr_mult`` x lr with a SimpleFPN, 19 prompt-tuned text queries (8 context tokens),
     identity matching, the context decoder (3 layers, width 256), pixel-text loss and both
@@ -231,7 +232,8 @@ def toy(method: str = "rein", meta: bool = False, **kwargs) -> nn.Module:
 
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "rein_mask2former": rein_mask2former, "mask2former": mask2former, "tqdm": tqdm,
+    "rein_mask2former": rein_mask2former, "mask2former": mask2former,
+    "tqdm": tqdm_mask2former,             # configs say ``builder: tqdm``
     "querydiff": querydiff, "catseg": catseg, "mfuser": mfuser, "toy": toy,
 }
 WEIGHT_ARGS = ("weights", "vfm_weights", "vlm_weights", "sd_weights", "tokenizer")

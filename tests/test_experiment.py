@@ -194,3 +194,11 @@ def test_paper_forms_reach_the_configs_by_override():
     cs = build_model(load_experiment("catseg_clipl_gtav", ["model.args.official_ignore=true"]),
                      meta=True)
     assert cs.official_ignore
+
+
+def test_the_tqdm_builder_does_not_shadow_the_progress_bar():
+    import reprod.models as models
+
+    assert models.BUILDERS["tqdm"] is models.tqdm_mask2former        # configs say builder: tqdm
+    assert not hasattr(models, "tqdm")
+    assert load_experiment("tqdm_eva02_gtav").model.builder == "tqdm"
