@@ -50,6 +50,7 @@ import math
 import pickle
 import re
 import sys
+import traceback
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -218,29 +219,41 @@ def create_model(bundle: str | Bundle, weights: str | Path | None = None,
     path = _weights_path(b, weights)
     if meta and path is not None:
         raise ValueError("meta=True builds shapes only: it cannot load weights")
-    try:
-        if b.library == "timm":
+    if b.library == "timm":
+        try:            # timm builds the model and then loads the file in one call
             with torch.device("meta") if meta else contextlib.nullcontext():
                 return timm.create_model(
                     b.arch, pretrained=path is not None,
                     pretrained_cfg_overlay=dict(file=str(path)) if path else None, **b.kwargs)
-        cls, cfg = _open_clip_cfg(b)
-        if meta:
-            with torch.device("meta"):
-                return cls(**cfg)
-        if b.kwargs:
-            model = cls(**cfg)                # a config of our own (the toy VLM)
-        else:                                 # open_clip's registry; weights never by tag name
-            with _quiet_logging(path is not None):
-                model = open_clip.create_model(b.arch)
-        if path is not None:
+        except Exception as e:   # torch, safetensors and pickle each raise their own kind
+            if path is None or not _raised_in(e, ("load_pretrained", "load_custom_pretrained")):
+                raise            # building the model failed, not reading the weights
+            raise _weights_error(b, path, e) from e
+    cls, cfg = _open_clip_cfg(b)
+    if meta:
+        with torch.device("meta"):
+            return cls(**cfg)
+    if b.kwargs:
+        model = cls(**cfg)                # a config of our own (the toy VLM)
+    else:                                 # open_clip's registry; weights never by tag name
+        with _quiet_logging(path is not None):
+            model = open_clip.create_model(b.arch)
+    if path is not None:
+        try:
             load_open_clip_weights(model, path)
-        return model
-    except Exception as e:   # torch, safetensors and pickle each raise their own kind
-        if path is None:
-            raise
-        raise ValueError(f"the weights in {path} do not fit {b.name} ({b.arch}), or the file is "
-                         f"not a readable checkpoint: {type(e).__name__}: {e}") from e
+        except Exception as e:   # torch, safetensors, pickle and zip each raise their own kind
+            raise _weights_error(b, path, e) from e
+    return model
+
+
+def _raised_in(error: BaseException, functions: tuple[str, ...]) -> bool:
+    """Whether ``error`` was raised inside (a call made by) one of the named functions."""
+    return any(frame.name in functions for frame in traceback.extract_tb(error.__traceback__))
+
+
+def _weights_error(b: Bundle, path: Path, e: BaseException) -> ValueError:
+    return ValueError(f"the weights in {path} do not fit {b.name} ({b.arch}), or the file is not "
+                      f"a readable checkpoint: {type(e).__name__}: {e}")
 
 
 @contextlib.contextmanager

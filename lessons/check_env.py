@@ -67,10 +67,11 @@ def mamba_status() -> str:
         return "torch missing"
     if not torch.cuda.is_available():
         return "not used (no CUDA): lessons use the pure-PyTorch scan"
-    from lessons.ssm import INSTALL_HINT, mamba_ssm_available
+    from lessons.ssm import INSTALL_HINT, mamba_ssm_import_error
 
-    if not mamba_ssm_available():   # ImportError, or a CUDA/ABI error from the extension
-        return f"selective_scan_fn does not import: {INSTALL_HINT}"
+    reason = mamba_ssm_import_error()
+    if reason is not None:
+        return f"selective_scan_fn does not import ({reason}): {INSTALL_HINT}"
     return f"available (mamba_ssm {md.version('mamba-ssm')})"
 
 

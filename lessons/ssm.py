@@ -56,17 +56,25 @@ INSTALL_HINT = ("build it for your GPU with `python -m reprod.install_mamba_ssm`
 # ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
-def _mamba_ssm_scan() -> Callable | None:
-    """``mamba_ssm``'s ``selective_scan_fn``, or None when it does not import.
-
-    A missing package, a missing compiled extension and an ABI mismatch ("undefined symbol") all
-    surface as ImportError; a broken CUDA setup can raise other errors at import, caught too.
-    """
+def _mamba_ssm_import() -> tuple[Callable | None, str | None]:
+    """(``mamba_ssm``'s ``selective_scan_fn``, None), or (None, why it does not import)."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:
-        return None
-    return selective_scan_fn
+    except Exception as e:   # only this import: a missing package, extension or symbol is an
+        # ImportError, a broken CUDA or Triton install raises OSError, RuntimeError or others
+        return None, f"{type(e).__name__}: {e}"
+    return selective_scan_fn, None
+
+
+def _mamba_ssm_scan() -> Callable | None:
+    """``mamba_ssm``'s ``selective_scan_fn``, or None when it does not import."""
+    return _mamba_ssm_import()[0]
+
+
+def mamba_ssm_import_error() -> str | None:
+    """Why ``mamba_ssm``'s fused kernel does not import here (its exception type and message),
+    or None when it does."""
+    return _mamba_ssm_import()[1]
 
 
 def mamba_ssm_available() -> bool:

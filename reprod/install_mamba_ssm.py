@@ -160,6 +160,7 @@ class Environment:
     torch_hip: str | None = None
     gpu: tuple[int, int] | None = None  # compute capability of GPU 0, when one is visible
     gpu_name: str | None = None
+    gpu_error: str | None = None  # why GPU 0 could not be queried, when CUDA failed
     nvcc: Path | None = None
     ninja: bool = True
     missing_build: tuple[str, ...] = ()
@@ -191,14 +192,17 @@ def _torch_cuda_home(torch: Any) -> str | None:
         return None
 
 
-def _first_gpu(torch: Any) -> tuple[tuple[int, int] | None, str | None]:
+def _first_gpu(torch: Any) -> tuple[tuple[int, int] | None, str | None, str | None]:
+    """(compute capability, name, None) of GPU 0, (None, None, None) without one, or
+    (None, None, why) when CUDA fails to answer (a driver or runtime error)."""
+    if not torch.cuda.is_available():
+        return None, None, None
     try:
-        if not torch.cuda.is_available():
-            return None, None
         major, minor = torch.cuda.get_device_capability(0)
-        return (int(major), int(minor)), str(torch.cuda.get_device_name(0))
-    except Exception:
-        return None, None
+        name = str(torch.cuda.get_device_name(0))
+    except (RuntimeError, AssertionError, OSError) as e:    # CUDA's errors, torch's asserts
+        return None, None, f"{type(e).__name__}: {e}"
+    return (int(major), int(minor)), name, None
 
 
 def probe_environment(torch: Any = None) -> Environment:
@@ -216,7 +220,7 @@ def probe_environment(torch: Any = None) -> Environment:
     env.torch_cuda = torch.version.cuda
     env.torch_hip = getattr(torch.version, "hip", None)
     env.nvcc = find_nvcc(_torch_cuda_home(torch))
-    env.gpu, env.gpu_name = _first_gpu(torch)
+    env.gpu, env.gpu_name, env.gpu_error = _first_gpu(torch)
     return env
 
 
@@ -228,6 +232,8 @@ def choose_arch(option: Arch | None, env: Environment) -> tuple[Arch, str]:
         why = "torch does not import in this environment"
     elif env.torch_cuda is None:
         why = f"torch {env.torch_version} is a CPU build, so it cannot see a GPU"
+    elif env.gpu_error is not None:
+        why = f"querying GPU 0 failed ({env.gpu_error})"
     elif env.gpu is None:
         why = "torch.cuda.is_available() is False: no NVIDIA GPU is visible"
     else:

@@ -696,3 +696,21 @@ def test_a_local_file_named_like_a_tag_loads_as_a_path(tmp_path, monkeypatch) ->
     with pytest.raises(ValueError, match="the weights in openai do not fit"):
         create_model(clip_b, weights="openai")
     assert asked == [], "a local path was looked up as an open_clip pretrained tag"
+
+
+def test_a_model_that_fails_to_build_is_not_blamed_on_its_weights(tmp_path, monkeypatch) -> None:
+    vfm = tmp_path / "toy_vfm.safetensors"
+    save_file(saved_state("toy_vfm"), str(vfm))
+    vlm = tmp_path / "toy_vlm.pt"
+    torch.save(saved_state("toy_vlm"), vlm)
+
+    def broken(*args, **kwargs):
+        raise TypeError("__init__() got an unexpected keyword argument 'bogus'")
+
+    monkeypatch.setattr(timm, "create_model", broken)
+    with pytest.raises(TypeError, match="bogus"):            # the cause, not "do not fit"
+        build_encoder("toy_vfm", weights=vfm)
+    cls, _ = backbones._open_clip_cfg(backbones.get_bundle("toy_vlm"))
+    monkeypatch.setattr(cls, "__init__", broken)
+    with pytest.raises(TypeError, match="bogus"):
+        build_encoder("toy_vlm", weights=vlm)

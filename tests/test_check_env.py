@@ -126,3 +126,16 @@ def test_running_the_module_exits_zero():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[OK] torch " in proc.stdout
     assert proc.stdout.rstrip().endswith("all requirements met")
+
+
+def test_mamba_status_says_why_the_kernel_does_not_import(monkeypatch):
+    import torch
+
+    from lessons import ssm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    why = "ImportError: libcudart.so.12: cannot open shared object file"
+    monkeypatch.setattr(ssm, "_mamba_ssm_import", lambda: (None, why))
+    status = check_env.mamba_status()
+    assert why in status and "does not import" in status and "install_mamba_ssm" in status
+    assert ssm.mamba_ssm_import_error() == why and not ssm.mamba_ssm_available()

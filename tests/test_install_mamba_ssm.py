@@ -341,3 +341,16 @@ def test_build_env_drops_skip_and_sets_force(monkeypatch):
                    ims.build_env_overrides(4, fake_env(nvcc=None)))
     assert "MAMBA_SKIP_CUDA_BUILD" not in seen
     assert seen["MAMBA_FORCE_BUILD"] == "TRUE" and seen["MAX_JOBS"] == "4"
+
+
+def test_a_failing_cuda_query_is_named(no_cuda_toolkit):
+    torch = fake_torch("13.0", (9, 0))
+
+    def broken(i=0):
+        raise RuntimeError("CUDA driver initialization failed")
+
+    torch.cuda.get_device_capability = broken
+    env = ims.probe_environment(torch)
+    assert env.gpu is None and "driver initialization failed" in env.gpu_error
+    with pytest.raises(ims.InstallError, match="querying GPU 0 failed .*driver initialization"):
+        ims.choose_arch(None, env)
