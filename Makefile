@@ -15,6 +15,9 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dgss-installed
 
+# JupyterLab refuses to start as root unless told to; Docker and other containers run as root.
+LAB_FLAGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
+
 .PHONY: setup lab lessons test test-fast notebooks students bench check-env lint hooks clean \
 	gpu-carry gpu-check
 
@@ -28,7 +31,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 lessons: setup
 	$(PY) -m reprod.course.notebooks --execute-to build/notebooks

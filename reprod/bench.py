@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -106,9 +105,16 @@ def _sync(device: torch.device) -> None:
 
 
 def _peak_memory_gb(device: torch.device) -> float:
+    """CUDA's allocator peak on a GPU; on a CPU the process's peak resident memory (NaN where
+    the POSIX ``resource`` module is missing: Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20       # kB -> GB (Linux)
+    try:
+        import resource  # POSIX only: imported here so that Windows imports this module
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)   # macOS: bytes; Linux: kB
 
 
 def step_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

@@ -8,13 +8,13 @@
 - :func:`tensor_digest`: a SHA-256 over a nested state (tensors by dtype, shape and bytes; plain
   values by ``repr``), stored inside the files ``reprod.train`` writes and checked when they are
   read back (a flipped byte that ``torch.load`` or safetensors would load silently is caught).
-- :class:`RunLock`: an exclusive ``flock`` on ``<run_dir>/.lock``, released when the process
-  ends however it ends (``kill -9`` included): two trainings cannot share a run directory.
+- :class:`RunLock`: an exclusive ``flock`` on ``<run_dir>/.lock`` (``msvcrt.locking`` where
+  there is no ``fcntl``: Windows), released when the process ends however it ends (``kill -9``
+  included): two trainings cannot share a run directory.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import pickle
@@ -114,6 +114,49 @@ def tensor_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+def _try_lock(fd: int) -> bool:
+    """An exclusive, non-blocking lock on the open file ``fd``: False when another process holds
+    it. ``fcntl.flock`` on POSIX; ``msvcrt.locking`` of the first byte on Windows. Imported here,
+    so that every platform imports this module."""
+    try:
+        import fcntl
+    except ImportError:                                   # Windows
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:                                   # Windows
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _read_owner(fd: int) -> str:
+    """The pid the lock's holder wrote ("unknown" where the locked byte cannot be read)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 class RunLock:
     """An exclusive lock on a run directory (``<run_dir>/.lock`` holds the owner's pid).
 
@@ -129,22 +172,21 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        if not _try_lock(fd):
+            owner = _read_owner(fd)
             os.close(fd)
             raise ValueError(f"{self.path.parent} is in use by another training (pid {owner}): "
                              "two runs cannot share a run directory; wait for it to end or use "
                              "another --run-dir") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            _unlock(self._fd)
             os.close(self._fd)
             self._fd = None
 
