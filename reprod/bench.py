@@ -13,16 +13,16 @@ iterations / s, images / s, the peak memory (CUDA's allocator; the process's pea
 the FLOPs of one step counted by ``torch.utils.flop_counter`` (forward + backward; the optimiser
 and data loading are not counted) and the achieved TFLOP/s, and the time the config's schedule
 (``train.steps``) would take at that speed, data loading excluded (``python -m reprod.data.pipelines
-bench`` measures that; the README adds the two). QueryDiff's teacher is Stable Diffusion 2.1's
+bench`` measures that; docs/measured.md adds the two). QueryDiff's teacher is Stable Diffusion 2.1's
 architecture with random weights.
 
 ``fusion``: one fusion mixer at width C over L tokens, batch B, forward + backward: MFuser's
 MVFuser against the ``self_attention`` alternative (scaled multi-head attention, the paper's
 Table 3 peer), time and peak memory per length; ratios attention / MVFuser from the same run.
 
-Targets for a GPU (issue 11), recorded in the README once measured: MFuser (DINOv2-L + EVA02-L,
-512², batch 2) within the 24 GB of the paper's RTX A5000; its 20k-step schedule within one
-hour on one H100 in bf16, data loading included.
+Targets for a GPU (issue 11), recorded in docs/measured.md once measured: MFuser (DINOv2-L +
+EVA02-L, 512², batch 2) within the 24 GB of the paper's RTX A5000; its 20k-step schedule within
+one hour on one H100 in bf16, data loading included.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ error that names it and lists the known keys::
 
 Overrides on the command line are ``dotted.key=value`` with YAML values (``train.steps=100``,
 ``data.source.root=/data/gta``, ``model.args.weights=null``). Relative paths are relative to the
-working directory (the README's layout: ``data/`` and ``weights/`` beside the checkout).
+working directory (docs/reproduction.md's layout: ``data/`` and ``weights/`` beside the checkout).
 """
 
 from __future__ import annotations

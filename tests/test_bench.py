@@ -1,5 +1,5 @@
 """reprod.bench on CPU at toy size: the step and fusion benchmarks run and report sane figures
-(their real-scale numbers are GPU measurements recorded in the README)."""
+(their real-scale numbers are GPU measurements recorded in docs/measured.md)."""
 
 from __future__ import annotations
 
