@@ -22,6 +22,11 @@ import torch
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from torch.utils.data import Dataset
 
+__all__ = [
+    "Augmented",
+    "photometric_distortion",
+]
+
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """mmseg's PhotoMetricDistortion on one float image (3, H, W) in [0, 1]."""

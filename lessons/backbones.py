@@ -63,6 +63,34 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+__all__ = [
+    "BUNDLES",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OPENAI_METADATA_KEYS",
+    "SIGLIP_MEAN",
+    "SIGLIP_STD",
+    "TOY_VFM_CFG",
+    "TOY_VLM_CFG",
+    "WEIGHTS_DIR",
+    "Adapter",
+    "Bundle",
+    "Encoder",
+    "TokenGrid",
+    "build_encoder",
+    "convert_openai",
+    "create_model",
+    "get_bundle",
+    "is_torchscript_archive",
+    "load_open_clip_weights",
+    "main",
+    "openai_state_dict",
+    "read_torchscript_state_dict",
+    "register",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

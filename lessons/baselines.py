@@ -15,6 +15,11 @@ from torch import nn
 
 from lessons.classes import NUM_CLASSES
 
+__all__ = [
+    "TinySegNet",
+    "conv_bn_relu",
+]
+
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(

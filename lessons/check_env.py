@@ -14,6 +14,15 @@ import platform
 import re
 import sys
 
+__all__ = [
+    "MINIMUMS",
+    "PYTHON_RANGE",
+    "check_packages",
+    "declared_minimums",
+    "main",
+    "mamba_status",
+]
+
 # Fallback minimums when the package metadata is unavailable (running from a source tree).
 MINIMUMS: dict[str, str] = {
     "torch": "2.4", "torchvision": "0.19", "timm": "1.0.9", "open_clip_torch": "2.26",

@@ -33,6 +33,21 @@ from torch import nn
 from lessons.backbones import WEIGHTS_DIR
 from lessons.toyworld import TOYWORLD_VERSION
 
+__all__ = [
+    "BUILDERS",
+    "CHECKPOINT_DIR",
+    "REQUIRED_KEYS",
+    "build_model",
+    "check_builder_kwargs",
+    "get_builder",
+    "load_lesson_checkpoint",
+    "read_metadata",
+    "register_builder",
+    "save_lesson_checkpoint",
+    "trainable_keys",
+    "trainable_state_dict",
+]
+
 CHECKPOINT_DIR = WEIGHTS_DIR / "checkpoints"
 REQUIRED_KEYS = ("builder", "builder_kwargs", "toyworld_version", "lessons_digest", "method",
                  "seed")

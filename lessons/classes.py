@@ -7,6 +7,14 @@ Pixels that are not evaluated carry ``IGNORE_INDEX`` (255).
 
 from __future__ import annotations
 
+__all__ = [
+    "CLASSES",
+    "IGNORE_INDEX",
+    "NUM_CLASSES",
+    "PALETTE",
+    "TRAIN_ID",
+]
+
 IGNORE_INDEX: int = 255
 
 CLASSES: tuple[str, ...] = (

@@ -72,6 +72,50 @@ from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from lessons.rein import Reins
 from lessons.segmentor import optimizer_groups
 
+__all__ = [
+    "MFUSER_M2F",
+    "REIN_M2F",
+    "TOY_M2F",
+    "TOY_VFM_WEIGHTS",
+    "TOY_VLM_WEIGHTS",
+    "TQDM_M2F",
+    "ContextDecoder",
+    "ContextDecoderLayer",
+    "DecoderLayer",
+    "HungarianMatcher",
+    "IdentityMatcher",
+    "MSDeformAttn",
+    "Mask2FormerConfig",
+    "Mask2FormerHead",
+    "MaskClassificationLoss",
+    "MaskFormerSegmentor",
+    "Match",
+    "PixelDecoder",
+    "PixelDecoderLayer",
+    "Prediction",
+    "RescaleNeck",
+    "SimpleFPN",
+    "Targets",
+    "TransformerDecoder",
+    "build_toy_rein_mask2former",
+    "build_toy_tqdm",
+    "dice_loss",
+    "head_parameter_count",
+    "language_regularizer",
+    "multi_scale_deformable_attention",
+    "neck_scales",
+    "pixel_text_loss",
+    "pixel_text_scores",
+    "point_sample",
+    "reference_points",
+    "semantic_inference",
+    "semantic_targets",
+    "sine_position_encoding",
+    "slide_inference",
+    "toy_config",
+    "uncertain_point_coords",
+]
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------

@@ -39,6 +39,21 @@ from typing import Any
 
 import yaml
 
+__all__ = [
+    "DEFAULT_PATH",
+    "GTAV_TARGETS",
+    "MAIN_TABLES",
+    "MEAN_TOLERANCE",
+    "PAPERS",
+    "SCHEMA_VERSION",
+    "Row",
+    "Table",
+    "get_table",
+    "gtav_to_real",
+    "load_paper_results",
+    "parse_paper_results",
+]
+
 SCHEMA_VERSION = 1
 PAPERS = ("Rein", "tqdm", "CAT-Seg", "QueryDiff", "MFuser")
 MEAN_TOLERANCE = 0.15

@@ -18,6 +18,10 @@ from torch import nn
 from lessons.backbones import Encoder
 from lessons.classes import NUM_CLASSES
 
+__all__ = [
+    "LinearProbe",
+]
+
 
 class LinearProbe(nn.Module):
     """A frozen :class:`~lessons.backbones.Encoder` and a trainable 1x1 classifier.

@@ -36,6 +36,16 @@ from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder
 from lessons.classes import NUM_CLASSES
 from lessons.rein import Reins
 
+__all__ = [
+    "NORM_LAYERS",
+    "NO_DECAY_KEYS",
+    "TOY_VFM_WEIGHTS",
+    "LevelHead",
+    "Segmentor",
+    "build_toy_segmentor",
+    "optimizer_groups",
+]
+
 NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "reins.scale")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 

@@ -41,6 +41,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "IMPLS",
+    "INSTALL_HINT",
+    "Mamba",
+    "RMSNormGated",
+    "available_impls",
+    "compute_dtype",
+    "default_chunk_size",
+    "discretize_delta",
+    "init_dt_bias",
+    "mamba_ssm_available",
+    "mamba_ssm_import_error",
+    "resolve_impl",
+    "rms_norm_gated",
+    "s4d_real_A_log",
+    "scan_fast_core",
+    "scan_ref_core",
+    "selective_scan",
+    "selective_scan_fast",
+    "selective_scan_ref",
+]
+
 IMPLS = ("auto", "ref", "fast", "cuda")
 
 # Elements of one (T, batch, N, D) chunk buffer the fast scan aims for (at least 16 tokens):

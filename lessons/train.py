@@ -34,6 +34,25 @@ from lessons.classes import IGNORE_INDEX, NUM_CLASSES
 from lessons.metrics import ConfusionMatrix, per_class_iou
 from lessons.utils import get_device
 
+__all__ = [
+    "SCHEDULE_POWER",
+    "History",
+    "NonFiniteLoss",
+    "TrainConfig",
+    "compute_losses",
+    "domain_table",
+    "evaluate",
+    "evaluate_domains",
+    "lr_factor",
+    "make_optimizer",
+    "poly_lr",
+    "predict",
+    "resize_to",
+    "segmentation_loss",
+    "train",
+    "train_step",
+]
+
 
 @dataclass
 class TrainConfig:

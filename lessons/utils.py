@@ -16,6 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+__all__ = [
+    "PACKAGE_DIR",
+    "count_parameters",
+    "cpu_name",
+    "get_device",
+    "hardware",
+    "lessons_digest",
+    "lessons_imports",
+    "module_closure",
+    "seed_everything",
+    "set_threads",
+]
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 

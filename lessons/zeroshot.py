@@ -23,6 +23,10 @@ from lessons.backbones import Encoder
 from lessons.classes import CLASSES
 from lessons.text import CATSEG_TEMPLATE, encode_text
 
+__all__ = [
+    "MaskCLIPSegmenter",
+]
+
 
 class MaskCLIPSegmenter(nn.Module):
     """Frozen CLIP -> per-patch embeddings (MaskCLIP form) -> cosine with class prompts.

@@ -1,1 +1,12 @@
-"""Reproduction at scale: training, evaluation, benchmarks and published results."""
+"""Reproduction at scale: the papers' experiments on the ``lessons`` modules, the toy assets and
+the course tooling.
+
+Entry points (``python -m reprod.<name>``) sit at the top; ``data`` reads the real datasets and
+runs the training pipelines, ``toy`` makes the toy foundation models and runs the toy sweep,
+``course`` runs the notebooks and writes the student copies.
+
+Modules: bench, convert, evaluate, experiment, gpu_check, install_mamba_ssm, models, predict,
+prepare_data, protocols, safe_io, train, course.bench_scan, course.notebooks,
+course.student_copies, data.datasets, data.pipelines, toy.bench_render, toy.diffusion, toy.gates,
+toy.pretrain, toy.resumable, toy.sweep, toy.vlm
+"""

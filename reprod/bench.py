@@ -44,6 +44,17 @@ from lessons.utils import hardware
 from reprod.experiment import Experiment, build_model, load_experiment
 from reprod.models import trainable_parameters
 
+__all__ = [
+    "bench_fusion",
+    "bench_step",
+    "main",
+    "random_model",
+    "random_sd_teacher",
+    "stand_in_tokenizer",
+    "step_flops",
+    "synthetic_batch",
+]
+
 
 def synthetic_batch(batch: int, size: int, device: torch.device, seed: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor]:

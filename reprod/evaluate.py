@@ -39,6 +39,15 @@ from reprod.protocols import (
 )
 from reprod.safe_io import check_digest, load_safetensors_checked, load_weights_only
 
+__all__ = [
+    "OFFICIAL",
+    "evaluate_experiment",
+    "experiment_protocol",
+    "load_official",
+    "load_trained",
+    "main",
+]
+
 OFFICIAL = ("rein", "mfuser")
 
 

@@ -34,6 +34,30 @@ from typing import Any
 
 import yaml
 
+__all__ = [
+    "CONFIG_DIR",
+    "PRECISIONS",
+    "DataConfig",
+    "EvalConfig",
+    "Expected",
+    "Experiment",
+    "ModelConfig",
+    "SourceConfig",
+    "TargetConfig",
+    "TrainSettings",
+    "apply_overrides",
+    "build_model",
+    "check_weights",
+    "config_path",
+    "deep_merge",
+    "list_configs",
+    "load_experiment",
+    "parse_experiment",
+    "source_dataset",
+    "target_datasets",
+    "to_yaml",
+]
+
 CONFIG_DIR = Path(__file__).with_name("configs")
 PRECISIONS = ("fp32", "bf16")
 

@@ -71,6 +71,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "BUILD_MODULES",
+    "DEFAULT_VERSION",
+    "MAX_MAJOR",
+    "MIN_ARCH",
+    "NO_MAMBA_NEEDED",
+    "PATCH_MARKER",
+    "RUNTIME_MODULES",
+    "VERIFY_CODE",
+    "Arch",
+    "Environment",
+    "InstallError",
+    "Patch",
+    "PatchError",
+    "build_commands",
+    "build_env_overrides",
+    "check_arch",
+    "check_patch",
+    "choose_arch",
+    "describe",
+    "download_sdist",
+    "environment_notes",
+    "environment_problems",
+    "find_nvcc",
+    "install",
+    "main",
+    "minutes",
+    "missing_modules",
+    "parse_arch",
+    "parse_args",
+    "patch_setup_py",
+    "prepare",
+    "probe_environment",
+    "report_patch",
+    "run_builds",
+    "sdist_version",
+    "show_command",
+    "unpack_sdist",
+    "verify_import",
+    "workspace",
+]
+
 DEFAULT_VERSION = "2.3.2.post1"
 MIN_ARCH = (7, 5)  # the oldest architecture in mamba-ssm 2.3.2's own -gencode list
 MAX_MAJOR = 15

@@ -46,6 +46,22 @@ from lessons.mask2former import (
 )
 from lessons.rein import VIT_L, Reins
 
+__all__ = [
+    "BUILDERS",
+    "EVA02_MIM",
+    "TOY_BUILDERS",
+    "WEIGHT_ARGS",
+    "catseg",
+    "encoder_at",
+    "mask2former",
+    "mfuser",
+    "querydiff",
+    "rein_mask2former",
+    "toy",
+    "tqdm_mask2former",
+    "trainable_parameters",
+]
+
 EVA02_MIM = register(Bundle(
     "eva02_l14_mim", "timm", "eva02_large_patch14_224", "vfm", CLIP_MEAN, CLIP_STD, 14,
     (224, 224), 1024, 24, (7, 11, 15, 23), weights="model.safetensors",

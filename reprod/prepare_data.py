@@ -73,6 +73,19 @@ from reprod.data.datasets import (
     write_label,
 )
 
+__all__ = [
+    "RCS_MIN_PIXELS",
+    "RCS_TEMPERATURE",
+    "STATS_FILES",
+    "class_stats",
+    "convert",
+    "main",
+    "rcs_probabilities",
+    "rcs_summary",
+    "verify",
+    "write_stats",
+]
+
 RCS_MIN_PIXELS = 3000      # tqdm / MFuser UGDataset (notes: rein_tqdm.md B2)
 RCS_TEMPERATURE = 100.0    # tqdm / MFuser class_temp; DAFormer uses 0.01
 STATS_FILES = ("sample_class_stats.json", "sample_class_stats_dict.json",

@@ -27,6 +27,18 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "RunLock",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_digest",
+    "load_safetensors_checked",
+    "load_weights_only",
+    "save_safetensors_checked",
+    "tensor_digest",
+]
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary path beside ``path``, flush it, rename it to ``path``."""

@@ -82,6 +82,34 @@ from reprod.safe_io import (
     tensor_digest,
 )
 
+__all__ = [
+    "CHECKPOINT",
+    "CHECKPOINT_KEYS",
+    "EVAL_ONLY",
+    "FINAL",
+    "LOG",
+    "Dist",
+    "LossModule",
+    "NonFiniteLoss",
+    "build_optimizer",
+    "final_is_complete",
+    "load_checkpoint",
+    "lr_at",
+    "main",
+    "read_checkpoint",
+    "replica_difference",
+    "rng_state",
+    "run_info",
+    "save_checkpoint",
+    "set_lr",
+    "set_rng_state",
+    "setup_distributed",
+    "train",
+    "train_loader",
+    "training_config",
+    "write_final",
+]
+
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.safetensors"
 LOG = "log.jsonl"

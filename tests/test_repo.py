@@ -67,3 +67,64 @@ def test_readme_lists_every_notebook():
         assert f"notebooks/{nb.name}" in readme, f"README lesson table lacks {nb.name}"
         solution = f"notebooks/solutions/{nb.stem}_solutions.ipynb"
         assert solution in readme, f"README lesson table lacks {solution}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The packages say what they hold
+# ------------------------------------------------------------------------------------------------
+def _modules(package: str) -> list[str]:
+    """Every module of a package on disk, dotted below it (``data.datasets``)."""
+    base = ROOT / package
+    return sorted(".".join(p.relative_to(base).with_suffix("").parts)
+                  for p in base.rglob("*.py") if p.name != "__init__.py"
+                  and "__pycache__" not in p.parts)
+
+
+def _listed(package: str) -> list[str]:
+    """The names in the ``Modules:`` paragraph of a package's docstring."""
+    import importlib
+
+    doc = importlib.import_module(package).__doc__ or ""
+    match = re.search(r"^Modules: (.*?)(?:\n\n|\Z)", doc, re.M | re.S)
+    assert match, f"{package}/__init__.py has no 'Modules: a, b, c' line in its docstring"
+    return sorted(n.strip() for n in match.group(1).replace("\n", " ").split(","))
+
+
+@pytest.mark.parametrize("package", ["lessons", "reprod"])
+def test_the_package_docstring_lists_its_modules(package):
+    assert _listed(package) == _modules(package)
+
+
+# Modules whose owner has not declared __all__ yet (each is another engineer's file for now).
+ALL_PENDING = {
+    "lessons.querydiff", "lessons.toyworld1",
+    "reprod.toy.bench_render", "reprod.toy.diffusion", "reprod.toy.gates", "reprod.toy.pretrain",
+    "reprod.toy.resumable", "reprod.toy.vlm",
+}
+
+
+@pytest.mark.parametrize("module", [f"{pkg}.{m}" for pkg in ("lessons", "reprod")
+                                    for m in _modules(pkg)])
+def test_every_module_declares_its_public_names(module):
+    import ast
+
+    path = ROOT.joinpath(*module.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text("utf-8"))
+    names = next((node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and any(getattr(t, "id", None) == "__all__" for t in node.targets)), None)
+    if names is None:
+        assert module in ALL_PENDING, f"{module} has no __all__"
+        return
+    assert module not in ALL_PENDING, f"{module} declares __all__: drop it from ALL_PENDING"
+    declared = [ast.literal_eval(e) for e in names.elts]
+    targets = [t for node in tree.body if isinstance(node, ast.Assign | ast.AnnAssign)
+               for t in getattr(node, "targets", [getattr(node, "target", None)])]
+    defined = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    defined |= {node.name for node in tree.body
+                if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+    defined |= {a.asname or a.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                for a in node.names}
+    assert len(declared) == len(set(declared)), f"{module}: a name twice in __all__"
+    assert not [n for n in declared if n.startswith("_")], f"{module}: private names in __all__"
+    missing = [n for n in declared if n not in defined]
+    assert not missing, f"{module}: __all__ names what it does not define: {missing}"

@@ -35,6 +35,21 @@ import torch.nn.functional as F
 from lessons.ssm import default_chunk_size, selective_scan
 from lessons.utils import hardware, set_threads
 
+__all__ = [
+    "SHAPES",
+    "TARGETS",
+    "accuracy",
+    "bench_shape",
+    "forward_backward",
+    "main",
+    "make_inputs",
+    "mambapy_scan",
+    "median_ms",
+    "ours",
+    "print_row",
+    "to_mambapy_layout",
+]
+
 SHAPES: dict[str, tuple[int, int, int, int]] = {
     "issue": (2, 512, 2048, 16),
     "mvfuser_toy": (16, 96, 262, 16),

@@ -25,6 +25,21 @@ from pathlib import Path
 
 import nbformat
 
+__all__ = [
+    "META_KEY",
+    "NOTEBOOK_DIR",
+    "ROOT",
+    "all_notebooks",
+    "execute",
+    "expected_metadata",
+    "imported_modules",
+    "kernel_env",
+    "main",
+    "run_in_kernel",
+    "stale_reasons",
+    "tool_path",
+]
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 META_KEY = "dgss_lessons"

@@ -38,6 +38,37 @@ import nbformat
 
 from reprod.course.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env, run_in_kernel
 
+__all__ = [
+    "BADGE_RE",
+    "EXERCISES_RE",
+    "EXERCISE_RE",
+    "ITEM_RE",
+    "RELATIVE_LINK_RE",
+    "SOLUTIONS_DIR",
+    "SOLUTIONS_SUFFIX",
+    "STUDENTS_DIR",
+    "STUDENT_SUFFIX",
+    "TITLE_RE",
+    "TODO_PREFIX",
+    "Exercise",
+    "StructureError",
+    "all_solutions",
+    "build",
+    "execute_until_todo",
+    "exercise_code_cells",
+    "lesson_exercises",
+    "lesson_path",
+    "main",
+    "render",
+    "run_setups",
+    "setup_source",
+    "split_solutions",
+    "stale_copies",
+    "student_path",
+    "todo_cell_index",
+    "write_all",
+]
+
 SOLUTIONS_DIR = NOTEBOOK_DIR / "solutions"
 STUDENTS_DIR = NOTEBOOK_DIR / "students"
 SOLUTIONS_SUFFIX = "_solutions.ipynb"

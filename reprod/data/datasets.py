@@ -66,6 +66,50 @@ from tqdm import tqdm
 from lessons import toyworld as tw
 from lessons.classes import IGNORE_INDEX, NUM_CLASSES, TRAIN_ID
 
+__all__ = [
+    "ACDC",
+    "ACDC_CONDITIONS",
+    "ACDC_COUNTS",
+    "BDD100K",
+    "CITYSCAPES_LABELS",
+    "DATASETS",
+    "EXPORT_DIRS",
+    "GTAV",
+    "LABEL_ID_PALETTE",
+    "LABEL_ID_TO_TRAIN_ID",
+    "MANIFEST",
+    "MAPILLARY_CANONICAL",
+    "MAPILLARY_TO_TRAIN_ID",
+    "MAPILLARY_V12_LABELS",
+    "RGB",
+    "TOY_DOMAINS",
+    "TOY_SPLITS",
+    "TRAIN_ID_CHECK",
+    "TRAIN_ID_TO_LABEL_ID",
+    "Cityscapes",
+    "LabelDecoder",
+    "Mapillary",
+    "Pairing",
+    "Sample",
+    "SegmentationFiles",
+    "apply_lookup",
+    "build_dataset",
+    "check_sample",
+    "check_train_ids",
+    "dataset_class",
+    "export_toyworld",
+    "image_size",
+    "label_ids_to_train_ids",
+    "mapillary_config",
+    "mapillary_config_json",
+    "mapillary_lookup",
+    "mapillary_name_key",
+    "read_image",
+    "read_label_values",
+    "train_ids_to_label_ids",
+    "write_label",
+]
+
 RGB = tuple[int, int, int]
 
 # ----------------------------------------------------------------------------------------------
