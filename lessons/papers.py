@@ -1,7 +1,8 @@
 """Published results of Rein, tqdm, CAT-Seg, QueryDiff and MFuser, loaded and validated.
 
-`papers.yaml` (beside this module) holds every results table of the five papers as the
-research notes transcribe them: the numbers are the papers' own, never recomputed or rounded.
+`papers.yaml` (beside this module) holds every results table of the five papers, each with the
+paper and table it comes from (``source``): the numbers are the papers' own, never recomputed or
+rounded.
 The reproduction scripts write their measured numbers next to these, and notebook 00 shows the
 GTAV -> Cityscapes / BDD100K / Mapillary headline rows (`gtav_to_real`).
 
