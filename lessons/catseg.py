@@ -22,8 +22,10 @@ Training fine-tunes only the query and value projections of **both** CLIP towers
 per-pixel sigmoid BCE over classes. At test time any list of class names works: that is the
 open-vocabulary property the notebooks use to segment a class never seen in training.
 
-**Following the released code** (configs ``vitb_384.yaml`` / ``vitl_336.yaml``), not the base
-config: 2 aggregation layers (base: 4), one prompt template ``"A photo of a {} in the scene"``
+**Following the released code** (cvlab-kaist/CAT-Seg@6d3a188: ``cat_seg/cat_seg_model.py``,
+``cat_seg/modeling/transformer/model.py``, ``cat_seg/third_party/model_vpt.py``; the comments below
+name the official class or function) and its configs ``vitb_384.yaml`` / ``vitl_336.yaml``, not the
+base config: 2 aggregation layers (base: 4), one prompt template ``"A photo of a {} in the scene"``
 (base: 80 ImageNet templates), class pooling 2x2 in training and 1x1 at test (base: 6x6), class
 padding to 256 tokens. Where code and paper differ we follow the code, the other form a flag:
 
@@ -181,7 +183,8 @@ def cost_volume(dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def top_classes(cost: torch.Tensor, k: int) -> torch.Tensor:
-    """G3: with more than ``k`` classes keep, per image, the k whose best pixel scores highest.
+    """With more than ``k`` classes keep, per image, the k whose best pixel scores highest
+    (the official ``Aggregator``'s ``pad_len`` top-k in ``model.py``).
 
     cost (B, P, T, h, w) -> indices (B, k) into T, in descending order of max cost.
     """
@@ -209,7 +212,7 @@ def shift_mask(h: int, w: int, window: int, shift: int, device=None) -> torch.Te
 
 class GuidedWindowAttention(nn.Module):
     """Window attention where queries and keys see [x; guidance] and values see x (Eq. 5);
-    no relative position bias (G5). Official names: q, k, v, proj."""
+    no relative position bias (the official ``WindowAttention``). Official names: q, k, v, proj."""
 
     def __init__(self, dim: int, guidance_dim: int, heads: int):
         super().__init__()
@@ -373,7 +376,7 @@ class ClassAggregation(nn.Module):
         out = rearrange(out[:, :T], "(B h w) T C -> (B T) C h w", B=B, h=hp, w=wp)
         if (hp, wp) != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
-        return x + rearrange(out, "(B T) C h w -> B C T h w", T=T)              # G4
+        return x + rearrange(out, "(B T) C h w -> B C T h w", T=T)  # ClassTransformerLayer
 
 
 class AggregatorLayer(nn.Module):
@@ -470,7 +473,7 @@ class Aggregator(nn.Module):
                              f"{self.cfg.prompts}")
         cost = cost_volume(dense, text)                                         # (B, P, T, h, w)
         keep = None
-        if self.cfg.pad_len is not None and self.cfg.pad_len < T:               # G3
+        if self.cfg.pad_len is not None and self.cfg.pad_len < T:     # Aggregator's top-k
             keep = top_classes(cost, self.cfg.pad_len)                          # (B, k)
             cost = cost.gather(2, keep[:, None, :, None, None].expand(
                 -1, cost.shape[1], -1, *cost.shape[-2:]))
@@ -538,7 +541,8 @@ FINETUNE_MODES = ("attention", "frozen", "full")
 
 def set_clip_finetuning(model: nn.Module, mode: str = "attention") -> int:
     """CAT-Seg's ``CLIP_FINETUNE``: ``attention`` trains only ``q_proj_weight`` and
-    ``v_proj_weight`` in every block of both towers (G7); ``frozen`` nothing; ``full`` all.
+    ``v_proj_weight`` in every block of both towers (``CATSeg.__init__``, ``CLIP_FINETUNE``);
+    ``frozen`` nothing; ``full`` all.
     Returns the number of trainable CLIP parameters."""
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose one of {FINETUNE_MODES}")
@@ -604,7 +608,8 @@ class CATSeg(nn.Module):
     # -- the two towers ---------------------------------------------------------------------------
     def text_embeddings(self, names: Sequence[str]) -> torch.Tensor:
         """(T, P, E) class text embeddings: through the (trainable) text tower in training,
-        cached at evaluation (G11: the cache is per model and cleared by ``train()``)."""
+        cached at evaluation (as the official ``CATSegPredictor``'s ``cache``; here it is per
+        model and cleared by ``train()``)."""
         prompts = format_prompts(names, self.template, first_synonym=True)
         if not self.training and not torch.is_grad_enabled():
             text = self.cache.get(self.encoder.model, prompts, self.tokenizer, normalize=False)
@@ -620,7 +625,8 @@ class CATSeg(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Images (B, 3, H, W) in [0, 1] -> the dense embedding (B, E, h, w) and the raw token
-        maps (B, D, h, w) of the two guidance layers (G2: no final norm, no projection)."""
+        maps (B, D, h, w) of the two guidance layers (raw block outputs, no final norm, no
+        projection: the forward hooks of the official ``CATSeg.__init__``)."""
         enc = self.encoder
         x, grid = enc.embed(enc.normalize(images))
         mids = {}
@@ -683,8 +689,8 @@ def catseg_loss(logits: torch.Tensor, labels: torch.Tensor, official_ignore: boo
     """Mean sigmoid BCE of logits (B, T, h, w), upsampled bilinearly to labels (B, H, W) holding
     class indices in [0, T) or ``ignore_index``, against their one-hot encoding.
 
-    ``official_ignore``: ignored pixels get all-zero targets and count in the mean (G9), which
-    trains them towards "no class"; by default they are left out.
+    ``official_ignore``: ignored pixels get all-zero targets and count in the mean (the official
+    ``CATSeg.forward``), which trains them towards "no class"; by default they are left out.
     """
     if labels.dim() != 3 or logits.dim() != 4 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"logits must be (B, T, h, w) and labels (B, H, W); got "
@@ -705,10 +711,11 @@ def catseg_loss(logits: torch.Tensor, labels: torch.Tensor, official_ignore: boo
 
 def sliding_inference(predict, images: torch.Tensor, size: tuple[int, int],
                       window: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """CAT-Seg's sliding evaluation (G10): squash the image to ``size`` (640 x 640 officially,
-    aspect ratio not kept), score the windows (384, stride 256: 2 x 2) and one global view at
-    the window size, average overlapping windows, then average that 50/50 with the global map
-    and resize back. ``predict``: crops (n, 3, h, w) -> probabilities (n, T, h', w')."""
+    """CAT-Seg's sliding evaluation (``CATSeg.inference_sliding_window`` and ``eval.sh``): squash
+    the image to ``size`` (640 x 640 officially, aspect ratio not kept), score the windows (384,
+    stride 256: 2 x 2) and one global view at the window size, average overlapping windows, then
+    average that 50/50 with the global map and resize back. ``predict``: crops (n, 3, h, w) ->
+    probabilities (n, T, h', w')."""
     B, _, H, W = images.shape
     (sh, sw), (wh, ww), (th, tw) = size, window, stride
     if (sh - wh) % th or (sw - ww) % tw:

@@ -30,7 +30,9 @@ image by the **MTEnhancer** (Fig. 2c), and the result feeds tqdm's text-query Ma
   concatenation, separate self-attention, separate MVFusers, Rein-style cross-attention, none.
 - :func:`convert_official_mfuser`: an official checkpoint -> our state dict, with a report.
 
-**Paper vs official code** (we follow the code; the paper's form is a flag where cheap):
+**Paper vs official code** (we follow the code, devinxzhang/MFuser at commit cd8ef85: the MVFuser is
+``models/backbones/eva_clip/adapter_module.py#L60-L180``, the per-block fusion of the CLIP variant
+``models/backbones/clip/models.py#L331-L347``; the paper's form is a flag where cheap):
 
 - Δ's bias is applied twice, ``softplus(W dt + 2 b)`` (``dt_proj`` with its bias, then the scan's
   ``delta_bias``, inherited from MambaVision): ``dt_bias_twice=False`` applies it once (Mamba).
@@ -620,8 +622,9 @@ def _n(*modules: nn.Module | None) -> int:
 
 def trainable_parameter_counts(model: MFuserSegmentor) -> dict[str, int]:
     """What trains, by part (works on the meta device). ``prompts + gamma`` is the official
-    top-level ``contexts`` and ``gamma``; ``context decoder`` excludes gamma, as the notes
-    count it (1,494,401 at 768-d)."""
+    top-level ``contexts`` and ``gamma``; ``context decoder`` excludes gamma, as the official
+    ``ContextDecoder`` holds it outside (devinxzhang/MFuser@cd8ef85
+    ``models/backbones/clip/models.py``): 1,494,401 at 768-d."""
     enc = model.encoder
     ctx = model.context_decoder
     gamma = ctx.gamma.numel() if ctx is not None else 0

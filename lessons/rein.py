@@ -17,17 +17,21 @@ Parameter-efficiency steps of the paper's Table 6, each a constructor flag here:
 (``T_i = A_i B_i`` with A_i (m, r), B_i (r, c), "+lora"). At the ViT-L configuration (24 layers,
 1024 dims, 100 tokens, rank 16, 256-d queries) that is 2,990,081 trainable parameters.
 
-**Paper vs official code** (we follow the code; the paper's form is a flag):
+**Paper vs official code** (we follow the code, w1oves/Rein at commit 29755d4:
+``https://github.com/w1oves/Rein/blob/29755d4/rein/models/backbones/reins.py``, lines cited as
+``reins.py#Lx``, and ``reins_dinov2.py#Lx`` in the same folder; the paper's form is a flag):
 
 - the code scales the update by a learnable scalar ``scale`` initialised to 1e-3 and keeps the
-  default Linear init; the paper (Alg. 1) starts W_f and all biases at zero and has no scale:
-  ``zero_init=True`` (the state dict then has no ``scale``, as the official flag
-  ``zero_mlp_delta_f`` gives);
-- refinement runs after *every* block, the last included; prefix tokens (CLS, and registers where
-  a model has them) pass through untouched -- the official DINOv2 has only the CLS token;
+  default Linear init (``reins.py#L37-L59``); the paper (Alg. 1) starts W_f and all biases at zero
+  and has no scale: ``zero_init=True`` (the state dict then has no ``scale``, as the official flag
+  ``zero_mlp_delta_f`` gives, ``reins.py#L55-L59``);
+- refinement runs after *every* block, the last included (``reins_dinov2.py#L17-L34``); prefix
+  tokens (CLS, and registers where a model has them) pass through untouched -- the official DINOv2
+  has only the CLS token (``reins.py#L84-L103``); token 0 takes part in the softmax and is dropped
+  from the update (``reins.py#L105-L116``);
 - the link uses all m tokens, the null token included, and feeds ``merge`` the (max, mean, last)
   features *interleaved per channel* ``[c0_max, c0_mean, c0_last, c1_max, ...]``, the order the
-  released ``merge.weight`` expects.
+  released ``merge.weight`` expects (``reins.py#L61-L75``).
 
 Parameter names follow the official code (``learnable_tokens_a``, ``mlp_token2feat``,
 ``mlp_delta_f``, ``transform``, ``merge``), so :func:`convert_official_rein` is a renaming with a

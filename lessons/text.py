@@ -15,8 +15,8 @@ each names that step differently:
   (5), the context vectors go right after the start-of-text token, the frozen tower runs on the
   longer sequence (10 for CLIP and SigLIP, 13 for EVA02-CLIP: 5 or 8 context vectors) with its
   positional embedding truncated to it, and the output is read at the end-of-text token, whose
-  position moved by ``N_ctx``. MFuser's notes call the result ``t0`` (19 x 768), the
-  initial *textual object queries* that MTEnhancer then refines. ``PromptLearner`` here.
+  position moved by ``N_ctx``. The result, ``t0`` (19 x 768), holds the initial *textual object
+  queries* that MTEnhancer then refines. ``PromptLearner`` here.
 - SigLIP has no start token and pools the *last* position: MFuser inserts the context after the
   first word token, which is the same index (1) as "after SOT" for CLIP, and reads the last
   position. SigLIP's tokenizer is a Hugging Face one; ``load_siglip_tokenizer`` loads it from a

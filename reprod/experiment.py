@@ -16,7 +16,7 @@ error that names it and lists the known keys::
       num_workers: 8
     train: {...}                     # TrainSettings
     evaluate: {protocol: rein, crop: 512, stride: 341}
-    expected: {trainable: 23569877, source: "where the notes give it"}
+    expected: {trainable: 23569877, source: "the paper's table (or the file) that gives it"}
     departures: ["what differs from the paper or its code, and why"]
 
 Overrides on the command line are ``dotted.key=value`` with YAML values (``train.steps=100``,
@@ -145,7 +145,7 @@ class EvalConfig:
 @dataclass
 class Expected:
     trainable: int | None = None        # trainable parameters of the built model
-    source: str = ""                    # where the notes give the figure, and how it relates
+    source: str = ""                    # the paper's table or the code that gives the figure
 
 
 @dataclass

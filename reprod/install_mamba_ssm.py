@@ -26,7 +26,8 @@ What it does:
    then checks in a fresh interpreter that
    ``from mamba_ssm.ops.selective_scan_interface import selective_scan_fn`` imports.
 
-Facts it relies on (mamba-ssm 2.3.2.post1; ``shared/research/mamba.md`` sections 1 and 2):
+Facts it relies on (the mamba-ssm 2.3.2.post1 sdist's ``setup.py`` from PyPI; state-spaces/mamba
+issue #1019 and PR #977; torch's ``torch/utils/cpp_extension.py``, ``_get_cuda_arch_flags``):
 
 - **One arch, not nine.** setup.py appends a hard-coded ``-gencode`` list of up to nine
   architectures (sm_75 ... sm_121 with nvcc 13). ``TORCH_CUDA_ARCH_LIST`` is ignored: torch adds

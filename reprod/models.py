@@ -6,17 +6,21 @@ ViT-L pair in under a second instead of minutes and gigabytes). The configs in
 ``reprod/configs/`` name a builder of :data:`BUILDERS` and its arguments.
 
 - ``rein_mask2former``: frozen DINOv2-L / EVA02-L at patch 16, LoRA Reins (m 100, r 16) linked
-  to Mask2Former's 100 queries, Hungarian matching (rein_tqdm.md A2-A7);
+  to Mask2Former's 100 queries, Hungarian matching (w1oves/Rein@7da85bc
+  ``configs/_base_/models/rein_dinov2_mask2former.py``);
 - ``mask2former``: the same head on a frozen or fully fine-tuned encoder with learnable queries
   (Rein's Frozen / Full baselines);
 - ``tqdm`` (:func:`tqdm_mask2former`, so the name does not shadow the progress bar):
   EVA02-CLIP-L/14-336 at 512 (patch 14 kept), fine-tuned at 0.1 x lr, SimpleFPN, 19
-  text queries, the context decoder (3 layers), both regularisers (rein_tqdm.md B2-B3);
+  text queries, the context decoder (3 layers), both regularisers (ByeongHyunPak/tqdm@75168af
+  ``configs/tqdm/tqdm_eva_vit-l_1e-5_20k-g2c-512.py``, ``models/segmentors/tqdm_eva_clip.py``);
 - ``querydiff``: ``rein_mask2former`` plus agent queries, refinement and Stable Diffusion 2.1's
-  guidance (catseg_querydiff.md part 2);
+  guidance (the QueryDiff paper's §4; its release does not run, see ``lessons.querydiff``);
 - ``catseg``: CAT-Seg's aggregator on CLIP ViT-L/14-336 trained on GTAV's 19 classes, our own
-  DGSS config (catseg_querydiff.md part 1 is CAT-Seg's COCO-Stuff recipe);
-- ``mfuser``: :func:`lessons.mfuser.build_mfuser` (mfuser.md);
+  DGSS config (CAT-Seg's own recipe is COCO-Stuff's: cvlab-kaist/CAT-Seg@6d3a188
+  ``configs/vitl_336.yaml``);
+- ``mfuser``: :func:`lessons.mfuser.build_mfuser` (devinxzhang/MFuser@cd8ef85
+  ``configs/mfuser/``);
 - ``toy``: a lesson model on the toy foundation models (ToyWorld end to end on a laptop).
 
 Dimension glossary: C token width (1024 for ViT-L), E joint image-text width, D decoder width.
@@ -67,7 +71,8 @@ EVA02_MIM = register(Bundle(
     (224, 224), 1024, 24, (7, 11, 15, 23), weights="model.safetensors",
     source="timm/eva02_large_patch14_224.mim_m38m on the Hugging Face hub (its "
            "model.safetensors, saved locally): Rein's EVA02-L (eva02_L_pt_m38m_p14to16)"))
-"""Rein's EVA02-L: the MIM-pretrained tower (not EVA02-CLIP), rope, SwiGLU (rein_tqdm.md A4)."""
+"""Rein's EVA02-L: the MIM-pretrained tower (not EVA02-CLIP), rope, SwiGLU (w1oves/Rein@7da85bc
+``configs/_base_/models/rein_eva02-L_mask2former.py``)."""
 
 
 def encoder_at(name: str, weights: str | Path | None, image_size: int, patch_size: int | None,

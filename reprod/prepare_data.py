@@ -8,23 +8,23 @@
     python -m reprod.prepare_data verify cityscapes data/cityscapes  # exit 1 on any problem
     python -m reprod.prepare_data export-toyworld data/toy           # ToyWorld in these layouts
 
-``convert`` writes Cityscapes trainIds (uint8 mode L, 255 = ignore) beside the official labels,
-as the DAFormer-style converters that Rein, tqdm and MFuser ship do (notes: rein_tqdm.md PART D):
-GTAV and Cityscapes labelIds through the 34-id table, Mapillary v1.2 by class name into
-``{training,validation}/labels/<key>_labelTrainIds.png`` (the path tqdm and MFuser read; notes:
-mfuser.md gotcha 15), and BDD100K's trainId masks copied, checked, to tqdm's
+``convert`` writes Cityscapes trainIds (uint8 mode L, 255 = ignore) beside the official labels, as
+the DAFormer-style converters that Rein, tqdm and MFuser ship do (``tools/convert_datasets/``): GTAV
+and Cityscapes labelIds through the 34-id table, Mapillary v1.2 by class name into
+``{training,validation}/labels/<key>_labelTrainIds.png`` (the path tqdm's and MFuser's dataset
+configs read), and BDD100K's trainId masks copied, checked, to tqdm's
 ``labels/sem_seg/colormaps/{split}/<id>_labelTrainIds.png``. ACDC ships trainIds already.
 
-``stats`` writes the files rare-class sampling (RCS) reads, in the DAFormer format, into the
-dataset root (or ``--out``): ``sample_class_stats.json`` (a list of ``{"file": <trainId label>,
-"<trainId>": pixels, ...}``, classes present only), ``sample_class_stats_dict.json`` (the same
-keyed by file) and ``samples_with_class.json`` (``{"<trainId>": [[file, pixels], ...]}``). Files
-are the ``_labelTrainIds.png`` paths relative to the root (RCS loaders match on the base name).
-The min-pixels rule is the loader's: a class is drawn with probability
-softmax((1 - f_c) / T) over the classes present (f_c its pixel frequency), then an image with
-*more than* ``min_pixels`` of it (tqdm and MFuser: 3000 pixels, T = 100; DAFormer: T = 0.01;
-notes: rein_tqdm.md B2, mfuser.md section 1). ``rcs_summary.json`` records, per class, the
-pixels, frequency, that probability and how many images pass the rule, and a warning names any
+``stats`` writes the files rare-class sampling (RCS) reads, in the DAFormer format, into the dataset
+root (or ``--out``): ``sample_class_stats.json`` (a list of ``{"file": <trainId label>, "<trainId>":
+pixels, ...}``, classes present only), ``sample_class_stats_dict.json`` (the same keyed by file) and
+``samples_with_class.json`` (``{"<trainId>": [[file, pixels], ...]}``). Files are the
+``_labelTrainIds.png`` paths relative to the root (RCS loaders match on the base name). The
+min-pixels rule is the loader's: a class is drawn with probability softmax((1 - f_c) / T) over the
+classes present (f_c its pixel frequency), then an image with *more than* ``min_pixels`` of it (tqdm
+and MFuser: 3000 pixels, T = 100; DAFormer: T = 0.01; ``mmseg/datasets/ug_dataset.py`` and the
+``rare_class_sampling`` settings of their dataset configs). ``rcs_summary.json`` records, per class,
+the pixels, frequency, that probability and how many images pass the rule, and a warning names any
 class present in the stats that no image passes (the tqdm loader asserts on that).
 
 ``verify`` checks a tree before training: the image count of each split against the official
@@ -86,7 +86,7 @@ __all__ = [
     "write_stats",
 ]
 
-RCS_MIN_PIXELS = 3000      # tqdm / MFuser UGDataset (notes: rein_tqdm.md B2)
+RCS_MIN_PIXELS = 3000      # tqdm / MFuser UGDataset (their configs' rare_class_sampling)
 RCS_TEMPERATURE = 100.0    # tqdm / MFuser class_temp; DAFormer uses 0.01
 STATS_FILES = ("sample_class_stats.json", "sample_class_stats_dict.json",
                "samples_with_class.json", "rcs_summary.json")
@@ -166,7 +166,8 @@ def class_stats(datasets: Iterable[SegmentationFiles], workers: int = 1) -> list
 def rcs_probabilities(pixels: dict[int, int], temperature: float = RCS_TEMPERATURE
                       ) -> dict[int, float]:
     """RCS class probabilities softmax((1 - f_c) / T), f_c = pixels_c / sum of pixels, over the
-    classes with pixels (notes: mfuser.md section 1 step 7)."""
+    classes with pixels (``mmseg/datasets/ug_dataset.py`` of tqdm and MFuser, after DAFormer's
+    ``get_rare_class_sample``)."""
     classes = sorted(c for c, n in pixels.items() if n > 0)
     if not classes:
         raise ValueError("no labelled pixels: cannot compute rare-class sampling probabilities")

@@ -25,9 +25,11 @@ pipeline. What the official code calls each piece, and where it is here:
   on the fly, with the same PIL calls (-> :func:`halve_mapillary`); the official halved images
   are then saved as JPEG at PIL's default quality 75, a re-compression we do not repeat.
 
-The protocols (:data:`PROTOCOLS`; research notes ``../shared/research/rein_tqdm.md`` A3
-"Evaluation protocol" and B5 "Evaluation protocol", ``mfuser.md`` "Evaluation protocol", and
-gotcha 1 of rein_tqdm.md PART F: the two are not like-for-like, pick one and state it):
+The protocols (:data:`PROTOCOLS`): Rein's test pipelines (w1oves/Rein@7da85bc
+``configs/_base_/datasets/*_512x512.py``, ``rein/dg_metrics.py``) and tqdm's, which MFuser keeps
+(``configs/_base_/datasets/*-512.py`` of ByeongHyunPak/tqdm@75168af and devinxzhang/MFuser@cd8ef85).
+The two are not like-for-like (Rein's issue #68: its 64.3 rises to 66.09 at tqdm's Cityscapes
+size): pick one and state it.
 
 - ``rein``: Rein's configs (also the Rein-family baselines and QueryDiff, which inherits them).
   Cityscapes at (1024, 512), i.e. halved; BDD100K (1280, 720); Mapillary pre-halved, then fitted
@@ -197,8 +199,10 @@ class Protocol:
                 "targets": {k: v.to_dict() for k, v in self.targets.items()}}
 
 
-_A3 = "rein_tqdm.md A3"
-_B5 = "rein_tqdm.md B5; mfuser.md 'Evaluation protocol'"
+_REIN = "w1oves/Rein@7da85bc configs/_base_/datasets/*_512x512.py"
+_REIN_ACDC = "w1oves/Rein@7da85bc configs/_base_/datasets/dg_citys2acdc_1024x1024.py"
+_TQDM = ("ByeongHyunPak/tqdm@75168af and devinxzhang/MFuser@cd8ef85 "
+         "configs/_base_/datasets/*-512.py")
 
 PROTOCOLS: dict[str, Protocol] = {
     "rein": Protocol(
@@ -207,21 +211,23 @@ PROTOCOLS: dict[str, Protocol] = {
                      "BDD100K 1280x720, Mapillary halved (half-resolution labels; on the fly "
                      "here, on disk officially) then fitted to 1024x512"),
         targets={
-            "cityscapes": TargetSpec((1024, 512), f"{_A3} (Cityscapes halved)"),
-            "bdd100k": TargetSpec((1280, 720), f"{_A3} (native size)"),
-            "mapillary": TargetSpec((1024, 512), f"{_A3}; mapillary_resize.py (PART D)",
+            "cityscapes": TargetSpec((1024, 512), f"{_REIN} (Cityscapes halved)"),
+            "bdd100k": TargetSpec((1280, 720), f"{_REIN} (native size)"),
+            "mapillary": TargetSpec((1024, 512),
+                                    f"{_REIN}; tools/convert_datasets/mapillary_resize.py",
                                     halve=True),
-            "gtav": TargetSpec((1280, 720), "catseg_querydiff.md QueryDiff 'Test [cfg]' "
-                               "(Rein's dataset configs as QueryDiff ships them)"),
-            "acdc": TargetSpec((1920, 1080), f"{_A3} (Cityscapes -> ACDC config; native size)"),
+            "gtav": TargetSpec((1280, 720), "FanLiHub/QueryDiff@c4cae29 "
+                               "configs/_base_/datasets/gta_512x512.py (Rein's dataset "
+                               "configs as QueryDiff ships them)"),
+            "acdc": TargetSpec((1920, 1080), f"{_REIN_ACDC} (native size)"),
         }),
     "rein_citys2acdc": Protocol(
         name="rein_citys2acdc", crop=1024, stride=683,
         description=("Rein's Cityscapes -> ACDC config: sliding window 1024 stride 683; "
                      "Cityscapes at 2048x1024, ACDC at 1920x1080"),
         targets={
-            "cityscapes": TargetSpec((2048, 1024), f"{_A3} (Cityscapes -> ACDC)"),
-            "acdc": TargetSpec((1920, 1080), f"{_A3} (Cityscapes -> ACDC)"),
+            "cityscapes": TargetSpec((2048, 1024), f"{_REIN_ACDC}"),
+            "acdc": TargetSpec((1920, 1080), f"{_REIN_ACDC}"),
         }),
     "tqdm": Protocol(
         name="tqdm", crop=512, stride=341,
@@ -229,11 +235,12 @@ PROTOCOLS: dict[str, Protocol] = {
                      "2048x1024, BDD100K 1280x720, Mapillary fitted to 2048x1024 with "
                      "full-resolution labels"),
         targets={
-            "cityscapes": TargetSpec((2048, 1024), f"{_B5} (native size, 3x6 windows)"),
-            "bdd100k": TargetSpec((1280, 720), f"{_B5} (native size, 2x4 windows)"),
-            "mapillary": TargetSpec((2048, 1024), _B5),
-            "acdc": TargetSpec((1920, 1080), "ours: no tqdm / MFuser ACDC config (mfuser.md "
-                               "Table 10 notes); native size, as Rein's", ours=True),
+            "cityscapes": TargetSpec((2048, 1024), f"{_TQDM} (native size, 3x6 windows)"),
+            "bdd100k": TargetSpec((1280, 720), f"{_TQDM} (native size, 2x4 windows)"),
+            "mapillary": TargetSpec((2048, 1024), _TQDM),
+            "acdc": TargetSpec((1920, 1080), "ours: neither tqdm nor MFuser ships an ACDC "
+                               "config (MFuser's Table 10 has none); native size, as Rein's",
+                               ours=True),
             "gtav": TargetSpec((1280, 720), "ours: tqdm / MFuser never test on GTAV; Rein's "
                                "value", ours=True),
         }),
@@ -245,7 +252,8 @@ PROTOCOLS: dict[str, Protocol] = {
                  for name in ("cityscapes", "bdd100k", "mapillary", "gtav", "acdc")}),
 }
 """The evaluation protocols by name: ``rein`` (also the Rein-family baselines' and QueryDiff's:
-its released configs follow Rein's, catseg_querydiff.md "Test [cfg]"), ``rein_citys2acdc`` and
+its released configs follow Rein's: FanLiHub/QueryDiff@c4cae29 ``configs/_base_/datasets/``),
+``rein_citys2acdc`` and
 ``tqdm`` (tqdm's full-resolution protocol, also MFuser's); ``toy`` for ToyWorld exports."""
 
 

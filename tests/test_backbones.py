@@ -35,7 +35,7 @@ from lessons.backbones import (
 
 ATOL = 1e-5
 
-# Vision-tower parameter counts with random init (DESIGN.md §8; timm 1.0.31, open_clip 3.3.0).
+# Vision-tower parameter counts with random init (measured with timm 1.0.31, open_clip 3.3.0).
 # The derived rows follow from the measured ones: a _reg variant adds 4 register tokens and drops
 # the CLS row of the position embedding (+3 * C, as the measured ViT-L pair shows); a 336 px tower
 # adds (24**2 - 16**2) * C position-embedding rows to its 224 px sibling.

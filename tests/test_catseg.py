@@ -127,9 +127,10 @@ def test_shapes_at_the_published_configurations(cfg, clip, classes) -> None:
         assert agg(dense, text, maps).shape == (1, classes, 96, 96)
 
 
-def test_trainable_counts_match_the_notes() -> None:
-    """Research notes, CAT-Seg 1.8: 1.354M layers, 0.754 / 1.082M guidance, 0.200M decoder,
-    2.360 / 3.146M upsamplers, 20.45 / 64.49M CLIP q/v: about 25.1M and 70.3M."""
+def test_trainable_counts_match_the_official_modules() -> None:
+    """Counted from cvlab-kaist/CAT-Seg@6d3a188 (the released configs' 2 aggregation layers):
+    1.354M layers, 0.754 / 1.082M guidance, 0.200M decoder, 2.360 / 3.146M upsamplers,
+    20.45 / 64.49M CLIP q/v: about 25.1M and 70.3M."""
     b = trainable_parameter_counts(CATSEG_B, text_width=512, visual_depth=12, text_depth=12)
     l_ = trainable_parameter_counts(CATSEG_L, text_width=768, visual_depth=24, text_depth=12)
     assert b["aggregation layers"] == l_["aggregation layers"] == 1_354_240
@@ -144,7 +145,7 @@ def test_trainable_counts_match_the_notes() -> None:
 
 @pytest.mark.parametrize("bundle, cfg, total", [("clip_vitb16", CATSEG_B, 25_115_873),
                                                 ("clip_vitl14_336", CATSEG_L, 70_270_177)])
-def test_the_whole_model_on_meta_trains_what_the_notes_count(bundle, cfg, total) -> None:
+def test_the_whole_model_on_meta_trains_what_the_official_code_trains(bundle, cfg, total) -> None:
     with torch.device("meta"):
         model = CATSeg(build_encoder(bundle, meta=True), cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -1,6 +1,6 @@
 """reprod.convert: a Rein checkpoint in the official (mmseg / mmdet 3.x) names converts to ours,
-every official name matches the notes' key list, and the CLI writes a checkpoint that
-reprod.evaluate loads."""
+every official name matches mmdet 3.x's Mask2Former module names, and the CLI writes a checkpoint
+that reprod.evaluate loads."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from reprod.convert import convert_official_rein_model, main
 from reprod.evaluate import load_trained
 from reprod.models import rein_mask2former
 
-# rein_tqdm.md A7: the head's keys in mmdet 3.x naming, and the Reins under backbone.reins.
-NOTES_PATTERNS = [
+# The head's keys in mmdet 3.x naming (mmdet/models/dense_heads/mask2former_head.py and
+# mmdet/models/layers/transformer/mask2former_layers.py, with Rein's querys2feat:
+# w1oves/Rein@7da85bc rein/models/heads/rein_mask2former.py), and the Reins under backbone.reins.
+OFFICIAL_PATTERNS = [
     r"backbone\.reins\.(learnable_tokens_[ab]|scale|mlp_token2feat|mlp_delta_f|transform|merge)",
     r"decode_head\.pixel_decoder\.input_convs\.\d\.(conv|gn)\.",
     r"decode_head\.pixel_decoder\.encoder\.layers\.\d+\.self_attn\.(sampling_offsets|"
@@ -75,12 +77,12 @@ def _official(model) -> dict[str, torch.Tensor]:
     return {"state_dict": sd, "meta": {}}
 
 
-def test_official_names_follow_the_notes_at_full_scale():
+def test_official_names_follow_mmdet_at_full_scale():
     model = rein_mask2former(meta=True)
     state = model.state_dict()
     keys = sorted(trainable_keys(model))           # (trainable_state_dict dedups by pointer)
     names = [to_official(k) for k in keys]
-    unmatched = [n for n in names if not any(re.match(p, n) for p in NOTES_PATTERNS)]
+    unmatched = [n for n in names if not any(re.match(p, n) for p in OFFICIAL_PATTERNS)]
     assert not unmatched, unmatched[:5]
     sd = {n: torch.empty(state[k].shape, device="meta") for n, k in zip(names, keys, strict=True)}
     out, report = convert_official_rein_model(sd, model)

@@ -16,8 +16,8 @@ from lessons import toyworld as tw
 from lessons.classes import CLASSES, PALETTE
 from reprod.data import datasets as D
 
-# the GTAV converter's map, as the notes give it (rein_tqdm.md PART D)
-NOTES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+# the GTAV converter's map (DAFormer's tools/convert_datasets/gta.py, as Rein and tqdm ship it)
+GTA_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                      24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
@@ -43,7 +43,7 @@ TRAIN = np.array([[255, 0, 1, 2, 3], [5, 255, 6, 13, 255], [16, 17, 18, 11, 12]]
 def test_label_id_table_is_the_standard_34_id_table():
     table = D.LABEL_ID_TO_TRAIN_ID
     for lid in range(34):
-        assert table[lid] == NOTES_ID_TO_TRAIN.get(lid, 255), lid
+        assert table[lid] == GTA_ID_TO_TRAIN.get(lid, 255), lid
     assert (table[34:] == -1).all()
     kept = [(tid, name, rgb) for _, name, tid, rgb in D.CITYSCAPES_LABELS if tid != 255]
     assert [n for _, n, _ in sorted(kept)] == list(CLASSES)
@@ -75,7 +75,7 @@ def test_conversion_is_vectorised_and_rejects_values_outside_the_table():
         D.check_train_ids(np.array([[0, 19, 255]], np.uint8))
 
 
-def test_mapillary_table_maps_the_notes_names():
+def test_mapillary_table_maps_the_converters_names():
     labels = D.MAPILLARY_V12_LABELS
     assert len(labels) == 66 and labels[65][1] == "Unlabeled"
     assert len({c for *_, c in labels}) == 66 and len({r for _, r, _ in labels}) == 66
@@ -315,7 +315,7 @@ def test_acdc_conditions_and_both_label_files(tmp_path):
     assert (ids[1][1].numpy() == TRAIN).all() and ids.expected_count() == 206
     train_ids = D.build_dataset("acdc", tmp_path, "val", labels="trainids", conditions="night")
     assert len(train_ids) == 1 and (train_ids[0][1].numpy() == TRAIN).all()
-    assert sum(c["val"] for c in D.ACDC_COUNTS.values()) == 406       # the notes' total
+    assert sum(c["val"] for c in D.ACDC_COUNTS.values()) == 406       # QueryDiff paper §5.1's total
     with pytest.raises(FileNotFoundError, match="rgb_anon/rain/val"):
         D.ACDC(tmp_path, "val")                                       # all four by default
     with pytest.raises(ValueError, match="unknown ACDC conditions"):

@@ -93,7 +93,7 @@ def test_protocol_windows_and_sources():
     assert (REIN.crop, REIN.stride, TQDM.crop, TQDM.stride) == (512, 341, 512, 341)
     assert REIN.with_window(1024).stride == 683 == E.PROTOCOLS["rein_citys2acdc"].stride
     assert TQDM.spec("acdc").ours and TQDM.spec("gtav").ours and not TQDM.spec("mapillary").ours
-    assert all("A3" in s.source for k, s in REIN.targets.items() if k != "gtav")
+    assert all("w1oves/Rein" in s.source for k, s in REIN.targets.items() if k != "gtav")
     assert REIN.spec("fog") is REIN.spec("acdc")
 
 

@@ -1,5 +1,6 @@
 """Experiment configs: every shipped config validates and builds on the meta device with the
-trainable-parameter total the research notes give; bad configs fail with a clear message."""
+trainable-parameter total the papers give (or a count of the official code); bad configs fail with a
+clear message."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from reprod.experiment import (
 )
 from reprod.models import trainable_parameters
 
-REIN_TOKENS = 2_990_081          # rein_tqdm.md A7: the paper's 2.99M
+REIN_TOKENS = 2_990_081          # the paper's 2.99M (Rein v1 Tables 2 and 6)
 REIN_HEAD = 20_579_796           # Rein's Mask2Former head, the paper's ~20.6M (v1 §4.2)
 SIGLIP_UNUSED = 49 * (1024 * 1024 + 1024)   # adapter_proj1/2 x 24 + adapter_proj3: 51.43M
 
@@ -38,8 +39,9 @@ def _meta_model(name: str):
     return exp, build_model(exp, meta=True)
 
 
-def _notes_check(name: str, model, total: int) -> None:
-    """The figure the notes give for each config (their rounding)."""
+def _published_check(name: str, model, total: int) -> None:
+    """The figure the paper (or a count of the official code) gives for each config (its
+    rounding)."""
     if name.startswith(("rein_", "querydiff_")):
         assert _n(model.reins) == REIN_TOKENS
         assert _n(model.head) == REIN_HEAD
@@ -62,16 +64,16 @@ def _notes_check(name: str, model, total: int) -> None:
         enc = getattr(model.encoder, "vfm", model.encoder)
         assert enc.bundle.name.startswith("toy_")                # the lesson's own model
     else:
-        raise AssertionError(f"no notes figure for {name}: add one")
+        raise AssertionError(f"no published figure for {name}: add one")
 
 
 @pytest.mark.parametrize("name", list_configs())
-def test_config_builds_on_meta_with_the_notes_total(name):
+def test_config_builds_on_meta_with_the_published_total(name):
     exp, model = _meta_model(name)
     total = trainable_parameters(model)
     assert total == exp.expected.trainable, (name, total)
     assert exp.expected.source
-    _notes_check(name, model, total)
+    _published_check(name, model, total)
 
 
 def test_configs_cover_the_issue():
@@ -170,8 +172,9 @@ def test_missing_weights_say_which_key_and_where_to_get_them(tmp_path, monkeypat
     ("catseg_clipl_gtav", {"clip_vitl14_336": "clip"}),
 ])
 def test_each_encoder_normalises_with_its_recipe_statistics(name, stats):
-    """Per-backbone normalisation lives in the encoders (mfuser.md section 1 step 8: DINOv2
-    ImageNet, CLIP / EVA02 CLIP's, SigLIP 0.5; Rein's DINOv2 config: ImageNet)."""
+    """Per-backbone normalisation lives in the encoders (MFuser's fused encoders,
+    devinxzhang/MFuser@cd8ef85 models/backbones/: DINOv2 ImageNet, CLIP / EVA02 CLIP's, SigLIP
+    0.5; Rein's DINOv2 config: ImageNet)."""
     from lessons.backbones import CLIP_MEAN, IMAGENET_MEAN, SIGLIP_MEAN
 
     means = {"imagenet": IMAGENET_MEAN, "clip": CLIP_MEAN, "siglip": SIGLIP_MEAN}

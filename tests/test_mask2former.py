@@ -47,10 +47,11 @@ def toy_maps(B=2, C=192, grid=(8, 16), patch=8):
 
 # --- parameter counts at the papers' configurations (meta device) -----------------------------
 
-def test_head_counts_match_the_notes():
-    # rein_tqdm.md A7: the decode head (~20.6M, excluded from Rein's counts)
+def test_head_counts_match_the_papers():
+    # Rein's decode head (~20.6M, Rein v1 §4.2, excluded from Rein's counts)
     assert head_parameter_count(REIN_M2F) == 20_579_796
-    # mfuser.md section 8: decode_head 26.77M = pixel decoder 12.09 + decoder 14.21 + other 0.47
+    # MFuser's decode_head, counted from its modules (devinxzhang/MFuser@cd8ef85, tqdm's head):
+    # 26.77M = pixel decoder 12.09 + decoder 14.21 + other 0.47
     assert head_parameter_count(MFUSER_M2F) == 26_766_292
     with torch.device("meta"):
         head = Mask2FormerHead(MFUSER_M2F)
@@ -62,8 +63,9 @@ def test_head_counts_match_the_notes():
     assert head_parameter_count(TQDM_M2F) == 25_717_716
 
 
-def test_pixel_ffn_width_is_what_separates_the_notes():
-    # the 1024 vs 2048 question of the notes: 6 layers x 2 x 256 x 1024 weights (+ biases) apart
+def test_pixel_ffn_width_is_what_separates_1024_from_2048():
+    # the config's 1024 vs mmcv 1.x's deprecated 2048 (docs/paper_vs_code.md): 6 layers x 2 x 256 x
+    # 1024 weights (+ biases) apart
     narrow = head_parameter_count(Mask2FormerConfig(**{**TQDM_M2F.__dict__, "pixel_ffn": 1024}))
     assert head_parameter_count(TQDM_M2F) - narrow == 6 * (2 * 256 * 1024 + 1024)
 

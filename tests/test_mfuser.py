@@ -32,7 +32,7 @@ def _count(m):
 # -- MVFuser -------------------------------------------------------------------------------------
 
 
-def test_mvfuser_parameter_counts_match_the_notes():
+def test_mvfuser_parameter_counts_match_the_official_modules():
     with torch.device("meta"):
         big, small = mf.MVFuser(1024), mf.MVFuser(256)
     assert _count(big) == 1_667_585          # the paper's Table 3: 1.67 M
@@ -186,7 +186,7 @@ def test_mtenhancer_counts_and_init():
     assert _count(layer) == 899_201
     for E, expected in ((768, 1_494_401), (1024, 1_692_289)):
         ctx = mf.build_context_decoder(E)
-        assert _count(ctx) - ctx.gamma.numel() == expected   # the notes keep gamma outside
+        assert _count(ctx) - ctx.gamma.numel() == expected   # the official one holds gamma outside
     fuser = ctx.decoder[0].cross_attn
     assert torch.count_nonzero(fuser.dt_proj.bias) == 0     # re-initialised with the decoder
     assert fuser.in_proj.weight.std() < 0.03                 # trunc_normal(0.02), not default
@@ -261,8 +261,8 @@ def test_toy_counts(model):
 
 @pytest.mark.parametrize("variant,total", [("clip", 170.06), ("eva", 118.65)])
 def test_published_trainable_totals_on_meta(variant, total):
-    """The notes' totals (derived by counting the official modules): CLIP 170.06 M; EVA02
-    118.65 M, which counts the official model's unused ``random_text`` (19 x 768)."""
+    """The totals of the official modules, counted (devinxzhang/MFuser@cd8ef85): CLIP 170.06 M;
+    EVA02 118.65 M, which counts the official model's unused ``random_text`` (19 x 768)."""
     parts = mf.trainable_parameter_counts(mf.build_mfuser(variant, meta=True))
     assert parts["fusers"] == 24 * 1_667_585
     assert parts["context decoder"] == 1_494_401
@@ -274,7 +274,7 @@ def test_published_trainable_totals_on_meta(variant, total):
 
 def test_siglip_parts_on_meta():
     """SigLIP: no projections are used (the code creates 51.43 M of them that never train: the
-    notes' 170.39 M counts them); the 1024-d text makes the decoder 1,692,289."""
+    official total of 170.39 M counts them); the 1024-d text makes the decoder 1,692,289."""
     vfm = build_encoder("dinov2_vitl14", meta=True)
     vlm = build_encoder("siglip_vitl16_384", meta=True)
     with torch.device("meta"):
@@ -291,8 +291,8 @@ def test_siglip_parts_on_meta():
 
 
 def _official_name(ours: str) -> str:
-    """Our name -> the official one, written from the notes' key list (the inverse direction of
-    the converter, so the two are checked against each other)."""
+    """Our name -> the official one, written from the official state-dict keys (the inverse
+    direction of the converter, so the two are checked against each other)."""
     import re
     rules = [(r"^encoder\.fusers\.(\d+)\.mixer\.", r"backbone.adapter.\1."),
              (r"^encoder\.proj([12])\.(\d+)\.", r"backbone.adapter_proj\1.\2."),
@@ -370,8 +370,9 @@ def test_converter_round_trip_on_the_toy_model(model, tmp_path):
         mf.load_official_mfuser(tmp_path / "nope.pth", fresh)
 
 
-def test_converter_names_match_the_notes_key_list_at_full_size():
-    """Keys and shapes from the notes' state-dict listing (CLIP variant) land on our tensors."""
+def test_converter_names_match_the_official_key_list_at_full_size():
+    """Keys and shapes of the official state dict (CLIP variant, listed from the modules of
+    devinxzhang/MFuser@cd8ef85) land on our tensors."""
     ours = mf.build_mfuser("clip", meta=True).state_dict()
     listed = {
         "backbone.adapter.3.in_proj.weight": (1024, 1024), "backbone.adapter.3.x_proj.weight":

@@ -15,7 +15,7 @@ from lessons.papers import (
     load_paper_results,
 )
 
-# Rein paper v1, Table 2, as the research notes give it.
+# Rein paper v1 (arXiv 2312.04265), Table 2.
 REIN_DINOV2 = {"cityscapes": 66.4, "bdd100k": 60.4, "mapillary": 66.1, "mean": 64.3}
 
 
@@ -70,7 +70,7 @@ def test_main_tables_present(tables: list[Table]) -> None:
         assert get_table(table_id, tables).columns == ("cityscapes", "bdd100k", "mapillary", "mean")
 
 
-def test_spot_checks_against_notes(tables: list[Table]) -> None:
+def test_spot_checks_against_the_papers(tables: list[Table]) -> None:
     assert _row(get_table("rein_gtav_main", tables), "Rein", "DINOv2-L") == REIN_DINOV2
     mfuser = _row(get_table("mfuser_gtav_main", tables), "MFuser", "DINOv2-L + EVA02-L")
     assert mfuser == {"cityscapes": 70.19, "bdd100k": 63.13, "mapillary": 71.28, "mean": 68.20}

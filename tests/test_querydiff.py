@@ -375,7 +375,7 @@ def test_parameter_counts_at_full_scale():
 
 
 def test_stable_diffusion_21_unet_on_meta():
-    """SD 2.1's U-Net (the notes: about 865M parameters) and the channels of the code's hooks."""
+    """SD 2.1's U-Net (about 865M parameters) and the channels of the code's hooks."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):

@@ -1,7 +1,7 @@
 """Tests of lessons.rein: the refinement against an independent float64 reference, the null token,
 both initialisations, the token -> query link's interleaved order, parameter counts at the
 paper's scale (every Table 6/7 figure), the encoder adapter, gradients, bad input, and the
-converter on a synthetic official checkpoint built from the research notes' key/shape list."""
+converter on a synthetic official checkpoint built from the official modules' key/shape list."""
 
 from __future__ import annotations
 
@@ -209,7 +209,8 @@ def test_bad_arguments_and_inputs_are_named():
 
 # --- the converter --------------------------------------------------------------------------------
 def _official_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A synthetic official checkpoint: the notes' key/shape list for ViT-L (A7), plus head keys."""
+    """A synthetic official checkpoint: the key/shape list of w1oves/Rein's ``LoRAReins`` for ViT-L
+    (``rein/models/backbones/reins.py``), plus head keys."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"learnable_tokens_a": (24, 100, 16), "learnable_tokens_b": (24, 16, 1024),
               "scale": (), "mlp_token2feat.weight": (1024, 1024), "mlp_token2feat.bias": (1024,),

@@ -29,7 +29,7 @@ def test_ruff_is_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-MAX_WEIGHTS_BYTES = 50 << 20  # all toy weights together (DESIGN section 4)
+MAX_WEIGHTS_BYTES = 50 << 20  # all toy weights together: the repository's budget
 WEIGHTS = ROOT / "lessons" / "weights"
 
 

@@ -57,7 +57,8 @@ def test_poly_schedule_with_warmup_and_min_lr_as_mmcv():
     assert rt.lr_at(750, 1e-4, exp) == pytest.approx(mid * (1 - 0.5 * (1 - 1e-6)))
     assert rt.lr_at(t.steps, 1e-4, exp) == pytest.approx(1e-6)
     assert 1e-6 < rt.lr_at(t.steps - 1, 1e-4, exp) < 1.02e-6
-    # tqdm's G->X backbone group (1e-5 x 0.1 = min_lr) sits at 1e-6 throughout (notes B2)
+    # tqdm's G->X backbone group (1e-5 x 0.1 = min_lr) sits at 1e-6 throughout (tqdm's
+    # configs/_base_/schedules/schedule_20k.py with mmcv's per-group poly)
     tq = load_experiment("tqdm_eva02_gtav")
     assert all(rt.lr_at(s, 1e-6, tq) == pytest.approx(1e-6, rel=1e-9) for s in (1500, 5000, 19999))
     rein = load_experiment("rein_dinov2_gtav")          # no warm-up, eta_min 0

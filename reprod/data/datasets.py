@@ -6,15 +6,18 @@ is an error that says where the dataset comes from and how to lay it out.
 
 Datasets (``DATASETS``; build one with :func:`build_dataset`):
 
-- ``gtav``        GTAV, 24,966 images at 1914x1052 (notes: rein_tqdm.md PART D). Split ``all`` reads
-  every image under ``images/`` recursively, as Rein and MFuser do; ``train``/``valid``/``test``
-  read RobustNet's split folders ``images/{split}``, as tqdm does (notes: B2, PART F 2). Labels
+- ``gtav``        GTAV, 24,966 images at 1914x1052. Split ``all`` reads every image under
+  ``images/`` recursively, as Rein and MFuser do (w1oves/Rein@7da85bc
+  ``configs/_base_/datasets/gta_512x512.py``); ``train``/``valid``/``test`` read RobustNet's split
+  folders ``images/{split}``, as tqdm does (ByeongHyunPak/tqdm@75168af
+  ``configs/_base_/datasets/gta2city-512.py``, laid out as the TLDR README says). Labels
   are Cityscapes *label ids* (``labels/<n>.png``) or converted ``labels/<n>_labelTrainIds.png``.
 - ``cityscapes``  ``leftImg8bit/{split}/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` with
   ``gtFine/{split}/<city>/..._gtFine_labelIds.png`` (or ``_gtFine_labelTrainIds.png``).
 - ``bdd100k``     the 10k semantic subset: ``images/10k/{split}/<id>.jpg`` with the 19-class trainId
   masks ``labels/sem_seg/masks/{split}/<id>.png`` (Rein, MFuser) or tqdm's copies
-  ``labels/sem_seg/colormaps/{split}/<id>_labelTrainIds.png`` (notes: PART D, mfuser.md gotcha 15).
+  ``labels/sem_seg/colormaps/{split}/<id>_labelTrainIds.png`` (tqdm's ``mmseg/datasets/bdd100k.py``;
+  MFuser's configs read them too, although its README shows ``masks``).
 - ``mapillary``   Vistas v1.2: ``{training,validation}/images/<key>.jpg`` with the 66-class labels
   ``{training,validation}/v1.2/labels/<key>.png`` (or ``labels/<key>.png`` in the v1.x release)
   mapped to the 19 classes *by name* through ``config_v1.2.json``; or converted trainId labels
@@ -26,7 +29,8 @@ Datasets (``DATASETS``; build one with :func:`build_dataset`):
 Items: ``(image, label, name)``; ``image`` uint8 (3, H, W) RGB in 0..255 (divide by 255 for the
 float [0, 1] images of ``lessons``; each method normalises its own way), ``label`` int64 (H, W) of
 Cityscapes trainIds 0..18 with 255 = ignore, ``name`` the image path relative to the dataset root
-(relative, so a root containing "citys", "map" or "bdd" cannot mis-bucket it; notes: PART F 9).
+(relative, so a root containing "citys", "map" or "bdd" cannot mis-bucket it, as it can in
+Rein's ``rein/dg_metrics.py``, which buckets samples by those substrings of the label path).
 ``return_name=False`` gives ``(image, label)`` pairs as ``lessons.train`` expects.
 
 Images and labels pair strictly by the key their official names share; an image without a label,
@@ -153,8 +157,9 @@ CITYSCAPES_LABELS: tuple[tuple[int, str, int, RGB], ...] = (
 )
 """The standard 34 Cityscapes label ids: (labelId, name, trainId, colour), cityscapesScripts'
 ``labels.py``. The 19 evaluated classes keep a trainId, every other id maps to 255. This is the
-map the DAFormer GTAV converter applies (7->0, 8->1, 11->2, ..., 33->18; notes: rein_tqdm.md
-PART D). License plate (id -1) is not drawn into the label PNGs, so it is not in the table."""
+map the DAFormer GTAV converter applies (7->0, 8->1, 11->2, ..., 33->18; Rein's and tqdm's
+``tools/convert_datasets/gta.py``). License plate (id -1) is not drawn into the label PNGs, so it
+is not in the table."""
 
 
 def _lookup(pairs: Iterable[tuple[int, int]]) -> np.ndarray:
@@ -287,19 +292,20 @@ _MAPILLARY_19: dict[str, tuple[str, ...]] = {
 
 def mapillary_name_key(readable: str) -> str:
     """The converter's name normalisation: lowercase, spaces and hyphens removed
-    (``"Crosswalk - Plain"`` -> ``"crosswalkplain"``; notes: rein_tqdm.md PART D)."""
+    (``"Crosswalk - Plain"`` -> ``"crosswalkplain"``; w1oves/Rein@7da85bc
+    ``tools/convert_datasets/mapillary2cityscape.py``)."""
     return readable.lower().replace(" ", "").replace("-", "")
 
 
 MAPILLARY_TO_TRAIN_ID: dict[str, int] = {
     mapillary_name_key(r): TRAIN_ID[c] for c, readables in _MAPILLARY_19.items() for r in readables}
 """Mapillary v1.2 -> Cityscapes trainIds by normalised *readable* name (34 of the 66 labels;
-openseg's ``mapillary2cityscape.py --train_id`` as Rein uses it; notes: rein_tqdm.md PART D and
-gotcha 14): lane markings, bike lane, crosswalk, parking and service lane count as road; curb,
-curb cut and pedestrian area as sidewalk; utility pole and street light as pole; the sign frame
-and sign backs as traffic sign; bicyclist, motorcyclist and other rider as rider; "On Rails" as
-train. Every other label (guard rail, barrier, bridge, tunnel, rail track, caravan, trailer,
-other vehicle, animals, objects, ...) maps to 255."""
+openseg's ``mapillary2cityscape.py --train_id`` as Rein ships it in ``tools/convert_datasets/``):
+lane markings, bike lane, crosswalk, parking and service lane count as road; curb, curb cut and
+pedestrian area as sidewalk; utility pole and street light as pole; the sign frame and sign backs as
+traffic sign; bicyclist, motorcyclist and other rider as rider; "On Rails" as train. Every other
+label (guard rail, barrier, bridge, tunnel, rail track, caravan, trailer, other vehicle, animals,
+objects, ...) maps to 255."""
 
 MAPILLARY_CANONICAL: dict[int, str] = {
     **{TRAIN_ID[c]: readables[0] for c, readables in _MAPILLARY_19.items()},
@@ -780,7 +786,7 @@ class GTAV(SegmentationFiles):
     SPLITS = ("all", "train", "valid", "test")
     DEFAULT_SPLITS = ("all",)
     LABEL_FORMATS = ("ids", "trainids")
-    # RobustNet's per-split counts are not in the notes: not checked (None).
+    # RobustNet's per-split counts: no source at hand to check them against (None).
     EXPECTED_COUNTS: ClassVar[dict[str, int | None]] = {
         "all": 24966, "train": None, "valid": None, "test": None}
     SOURCE = ("GTAV comes from https://download.visinf.tu-darmstadt.de/data/from_games/ "
@@ -910,7 +916,8 @@ class Mapillary(SegmentationFiles):
     pixel = index into ``config_v1.2.json`` (palettised PNGs; RGB colour-coded labels are decoded
     by colour), mapped to trainIds by name (``MAPILLARY_TO_TRAIN_ID``); or ``labels="trainids"``:
     ``{dir}/labels/<key>_labelTrainIds.png``, what ``prepare_data convert mapillary`` writes and
-    tqdm/MFuser read (notes: mfuser.md gotcha 15). Rein's half-resolution copies are not read."""
+    tqdm/MFuser read (devinxzhang/MFuser@cd8ef85 ``configs/_base_/datasets/gta2map-512.py``; its
+    README shows another layout). Rein's half-resolution copies are not read."""
 
     name, title = "mapillary", "Mapillary Vistas"
     SPLITS = ("train", "val")
@@ -976,16 +983,17 @@ ACDC_COUNTS: dict[str, dict[str, int]] = {
     "fog": {"train": 400, "val": 100}, "night": {"train": 400, "val": 106},
     "rain": {"train": 400, "val": 100}, "snow": {"train": 400, "val": 100},
 }
-"""ACDC images per condition and split, from the ACDC paper's official split (not in the notes,
-which give only the total of 406 validation images; 500 test images per condition have no
+"""ACDC images per condition and split, from the ACDC paper's official split (the QueryDiff
+paper's §5.1 gives only the total, 406 validation images; 500 test images per condition have no
 public labels)."""
 
 
 class ACDC(SegmentationFiles):
     """ACDC (adverse conditions): ``rgb_anon/{cond}/{split}/<seq>/<seq>_frame_<n>_rgb_anon.png``
     with ``gt/{cond}/{split}/<seq>/..._gt_labelIds.png`` (``labels="ids"``) or the shipped
-    ``_gt_labelTrainIds.png`` (``labels="trainids"``, Rein's choice; notes: rein_tqdm.md
-    PART D), over ``conditions`` (default all four). Test labels are on the server only."""
+    ``_gt_labelTrainIds.png`` (``labels="trainids"``, Rein's choice:
+    ``configs/_base_/datasets/fog-acdc_1024x1024.py`` and the other conditions'), over
+    ``conditions`` (default all four). Test labels are on the server only."""
 
     name, title = "acdc", "ACDC"
     SPLITS = ("train", "val")

@@ -4,16 +4,16 @@ One function per transform of the official configs, in their order (resize -> cr
 photometric -> pad), then the samplers that feed a trainer:
 
 ==========================  ======================================================================
-here                        official name (notes)
+here                        official name (source)
 ==========================  ======================================================================
 ``random_choice_resize``    Rein (mmseg 1.x): ``RandomChoiceResize`` over ``ResizeShortestEdge``
                             with short sides ``int(512 * x * 0.1)``, x = 5..20, long side capped
-                            at 2048 (1024 crops: ``int(1024 * x * 0.1)``, cap 4096; rein_tqdm.md
-                            A2)
+                            at 2048 (1024 crops: ``int(1024 * x * 0.1)``, cap 4096; w1oves/Rein
+                            @7da85bc ``configs/_base_/datasets/gta_512x512.py``)
 ``ratio_resize``            tqdm and MFuser (mmseg 0.x): ``Resize(img_scale=None,
                             ratio_range=(0.5, 2.0))``, a ratio of the *native* size (GTAV
-                            1914x1052 -> 957x526 .. 3828x2104; rein_tqdm.md B2, mfuser.md section
-                            1 "Training data pipeline" step 2)
+                            1914x1052 -> 957x526 .. 3828x2104; tqdm's and MFuser's
+                            ``configs/_base_/datasets/gta2city-512.py``)
 ``random_crop_cat_max``     ``RandomCrop(crop_size=(512, 512), cat_max_ratio=0.75)``
 ``TrainPipeline`` flip      ``RandomFlip(prob=0.5)`` (horizontal)
 ``photometric_distortion``  ``PhotoMetricDistortion`` (``lessons.augment``, reused)
@@ -22,7 +22,7 @@ here                        official name (notes)
                             (1.x): see "Padding" below
 ``RareClassSampler``        tqdm/MFuser ``UGDataset`` rare-class sampling (RCS), DAFormer's
                             ``get_rare_class_sample``: min_pixels 3000, class_temp 100,
-                            min_crop_ratio 0.5 (rein_tqdm.md B2, mfuser.md section 1 step 7)
+                            min_crop_ratio 0.5 (``mmseg/datasets/ug_dataset.py`` of tqdm and MFuser)
 ``TrainingStream``          the dataset + sampler pair of the trainer, indexed by stream position
 ==========================  ======================================================================
 
@@ -60,13 +60,14 @@ change class counts, so they are drawn once for the kept crop (same distribution
 Padding (decision): the official pipelines normalise and then pad the image with 0 (and the label
 with 255) at the bottom/right, so a padded pixel is 0 *after normalisation*. Our images are padded
 before the model normalises them, so the image is padded with the mean (in [0, 1]) of the
-normalisation the official pipeline applies before padding: ImageNet's for Rein (its DINOv2
-config, rein_tqdm.md A2), CLIP's for tqdm and for MFuser *whichever encoders it fuses*, since
-MFuser's pipeline normalises with CLIP statistics before padding and its fused backbone
-re-normalises afterwards (mfuser.md section 1 step 8). :func:`pad_value_for` gives the mean of an
-encoder bundle. Padding happens only where the resized image is smaller than the crop (Rein's
-short side 256 on GTAV; never for tqdm on GTAV or Cityscapes, whose smallest ratio 0.5 leaves
->= 512 pixels).
+normalisation the official pipeline applies before padding: ImageNet's for Rein (the data
+preprocessor of ``configs/_base_/models/rein_dinov2_mask2former.py``), CLIP's for tqdm and for
+MFuser *whichever encoders it fuses*, since MFuser's pipeline normalises with CLIP statistics before
+padding and its fused backbone re-normalises afterwards (devinxzhang/MFuser@cd8ef85
+``models/backbones/clip/models.py`` and the EVA and SigLIP encoders). :func:`pad_value_for` gives
+the mean of an encoder bundle. Padding happens only where the resized image is smaller than the crop
+(Rein's short side 256 on GTAV; never for tqdm on GTAV or Cityscapes, whose smallest ratio 0.5
+leaves >= 512 pixels).
 
 Determinism and resumption: the item at stream position p depends only on (seed, p). Without RCS
 it is item ``perm_e[p % N]`` with ``perm_e`` the permutation of epoch e = p // N drawn by
