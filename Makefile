@@ -5,6 +5,8 @@
 #   make notebooks  re-execute every notebook in place: the canonical way to refresh outputs
 #   make students   regenerate the student copies (notebooks/students/) from the solutions
 #   make bench      benchmarks: ToyWorld rendering, the selective scan against mambapy
+#   make site       the course website into build/site/ (committed outputs, offline; site/)
+#   make site-check build it, then load every page in headless Chromium (build/site-shots/)
 #   make gpu-carry  download what a bare GPU machine lacks into .whl/ (mamba-ssm sdist, wheels)
 #   make gpu-check  on a GPU machine: every owed GPU figure (reprod.gpu_check, about 9 minutes)
 # Needs only Python >= 3.10 with venv. TORCH pins the PyTorch wheels (PyPI; no other index).
@@ -19,7 +21,7 @@ STAMP := $(VENV)/.dgss-installed
 LAB_FLAGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 
 .PHONY: setup lab lessons test test-fast notebooks students bench check-env lint hooks clean \
-	gpu-carry gpu-check
+	gpu-carry gpu-check site site-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +53,19 @@ students: setup
 bench: setup
 	$(PY) -m reprod.toy.bench_render
 	$(PY) -m reprod.course.bench_scan
+
+# The course website (reprod.course.site, config in site/); installs the site extra if missing.
+SITE_DEPS := $(PY) -c "from reprod.course.site import missing_packages as m; \
+	raise SystemExit(bool(m() or m({'playwright': 'playwright'})))" 2>/dev/null || \
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[site]"
+
+site: setup
+	$(SITE_DEPS)
+	$(PY) -m reprod.course.site
+
+site-check: setup
+	$(SITE_DEPS)
+	$(PY) -m reprod.course.site --check
 
 # A bare GPU machine (CUDA, nvcc, PyTorch; Python 3.12; no network) lacks these: carry .whl/.
 GPU_WHEELS ?= open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 diffusers==0.42.1 mambapy==1.2.0
