@@ -28,7 +28,8 @@ step would not fit the time budget:
 
 Each step runs as its own process with a time limit, and its result is appended, as it finishes,
 to ``runs/gpu_check/report.json`` and ``report.md`` (``--out``). Standing order: whenever a GPU is
-lent, run this first, commit the report, and copy its figures into the README with the GPU named.
+lent, run this first, commit the report, and copy its figures into docs/measured.md with the GPU
+named.
 """
 
 from __future__ import annotations
