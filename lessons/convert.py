@@ -42,8 +42,12 @@ if TYPE_CHECKING:
     from lessons.rein import Reins
 
 __all__ = [
+    "CATSEG_AGGREGATOR",
+    "CATSEG_CLIP",
+    "NAMINGS",
     "OFFICIAL_PREFIX",
     "REIN_HEAD_PREFIX",
+    "SOURCES",
     "VERIFIED_CHECKPOINTS",
     "ConversionReport",
     "convert_official_catseg",
