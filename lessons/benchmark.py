@@ -109,7 +109,8 @@ METHODS: dict[str, Method] = {
                              label="toy VLM, learnable queries + Hungarian", seeds=(0,),
                              keep_checkpoint=False),
     # notebook 04: CAT-Seg on the toy VLM, `bus` held out of training (scored from its name);
-    # the official full-model gradient clipping at 0.01 (G8)
+    # the official full-model gradient clipping at 0.01 (cvlab-kaist/CAT-Seg@6d3a188
+    # configs/config.yaml, SOLVER.CLIP_GRADIENTS)
     "catseg": Method("04_catseg", _CATSEG, train={"grad_clip": 0.01},
                      label="CAT-Seg (toy VLM, bus unseen)"),
     "catseg_all": Method("04_catseg", _CATSEG, {"held_out": []}, train={"grad_clip": 0.01},

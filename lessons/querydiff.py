@@ -24,7 +24,9 @@ Queries with Diffusion Model Guidance*. Three stages, on top of Rein + Mask2Form
 **At inference there is no diffusion model**: the teacher is not a sub-module (it is never saved
 with the segmentor, never moved, never called by ``predict``); a test removes it and predicts.
 
-The official release does not run (§2.9 of our notes), so we follow the **paper**; each open
+The official release does not run (FanLiHub/QueryDiff@c4cae29: ``QueryDiff/__init__.py`` imports
+a missing ``.models``; ``seg_model/backbones/dino_v2.py``'s ``forward`` uses attributes never
+created; docs/paper_vs_code.md), so we follow the **paper**; each open
 choice has a stated default and, where cheap, a flag:
 
 - Eq. 3's softmax runs over the *locations* (each query takes a weighted mean of the tokens), with
@@ -43,7 +45,8 @@ choice has a stated default and, where cheap, a flag:
 - refinement: cross-attention shared by the levels (the code), concatenated with the *original*
   maps (the paper; the code concatenates the attended ones), dilations 1-4 (the code).
 - decoder queries: Rein's query link as in the baseline; ``queries_from="agents"`` is the code's
-  replacement of the query embeddings by projected agent queries (gotcha Q7: projected to D).
+  replacement of the query embeddings by projected agent queries (projected to D: the release
+  feeds 1024-d agent queries to its 256-d head).
 
 Timesteps: Stable Diffusion (scaled-linear betas 0.00085 -> 0.012) uses t_w = 0 and t_s = 100; a
 model with another schedule uses the timesteps with the same noise level alpha-bar
@@ -77,6 +80,34 @@ from lessons.mask2former import (
 )
 from lessons.rein import Reins
 
+__all__ = [
+    "SD21_UNET",
+    "SD_FEATURE_LAYERS",
+    "SD_LATENT_SCALE",
+    "SD_TIMESTEPS",
+    "TOY_DIFFUSION_WEIGHTS",
+    "TOY_FEATURE_LAYERS",
+    "TOY_IMAGE_SIZE",
+    "TOY_UNET",
+    "UNET_CHANNELS",
+    "AgentQueryGenerator",
+    "AgentRefinement",
+    "DiffusionConsistencyLoss",
+    "DiffusionTeacher",
+    "MergeStage",
+    "QueryDiffSegmentor",
+    "TeacherFeatures",
+    "build_toy_querydiff",
+    "build_toy_unet",
+    "cache_features",
+    "empty_prompt_embedding",
+    "halving_groups",
+    "matching_timestep",
+    "sd_scheduler",
+    "toy_scheduler",
+    "toy_timesteps",
+]
+
 # ----------------------------------------------------------------------------------------------
 # The diffusion teacher: noise at t_w and t_s, U-Net features by forward hooks
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +127,8 @@ TOY_FEATURE_LAYERS = ((0, 1), (1, 1), (2, 1))
 before their upsamplers (64 ch @ 8x16, 64 @ 16x32, 64 @ 32x64), as SD's hooks skip its last."""
 SD_FEATURE_LAYERS = ((0, 2), (2, 2), (3, 2))
 """The official code's default hooks on SD's U-Net (1280 ch @ 8x8, 640 @ 32x32, 320 @ 64x64 for a
-512 image); the release never registers them (a ``mode`` string mismatch, gotcha Q6)."""
+512 image); the release never registers them (a ``mode`` string mismatch in
+``QueryDiff/diffusion/``)."""
 SD21_UNET: dict = dict(
     sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
@@ -144,6 +176,7 @@ def toy_timesteps() -> tuple[int, int]:
 def build_toy_unet(weights: str | Path | None = TOY_DIFFUSION_WEIGHTS):
     """The toy U-Net (``TOY_UNET``), with the committed weights (None: random init)."""
     from diffusers import UNet2DModel
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     unet = UNet2DModel(**TOY_UNET)
@@ -156,10 +189,12 @@ def build_toy_unet(weights: str | Path | None = TOY_DIFFUSION_WEIGHTS):
             "reprod.toy.pretrain diffusion --until-done` then `--export --card`")
     try:
         state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
         unet.load_state_dict({k: v.float() for k, v in state.items()})
-    except Exception as e:       # safetensors and torch raise their own kinds
-        raise ValueError(f"{path} is not a readable toy U-Net checkpoint: "
-                         f"{type(e).__name__}: {e}") from e
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the toy U-Net (TOY_UNET): {e}") from e
     return unet
 
 
@@ -185,7 +220,9 @@ class DiffusionTeacher(nn.Module):
 
     ``z_0`` is the image itself for a pixel-space model (the toy teacher: [0, 1] images resized
     to ``image_size`` and scaled to [-1, 1]) or ``0.18215 * mean(VAE(x))`` for Stable Diffusion
-    (un-normalised RGB in [-1, 1]: gotcha Q6). ``z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps``
+    (un-normalised RGB in [-1, 1]: the release's ``img_process_`` in
+    ``QueryDiff/diffusion/diffusion_component.py`` expects 0..255 but receives mmseg-normalised
+    tensors). ``z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps``
     with the model's own scheduler; the same eps at both timesteps, so the two views differ only
     in the noise level. The U-Net runs once per timestep, unconditioned (pixel model) or with the
     empty prompt's text embedding (SD); forward hooks keep the outputs of ``layers``.

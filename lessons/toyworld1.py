@@ -72,6 +72,41 @@ from torch.utils.data import Dataset
 
 from lessons.classes import IGNORE_INDEX, NUM_CLASSES, TRAIN_ID
 
+__all__ = [
+    "DEFAULT_SIZE",
+    "DOMAINS",
+    "HELD_OUT_FAMILIES",
+    "HOOD",
+    "LAMP",
+    "PALETTE_FAMILIES",
+    "RENDERED_CLASSES",
+    "SOURCE_DOMAIN",
+    "SPLITS",
+    "TARGET_DOMAINS",
+    "THIN_CLASSES",
+    "TOYWORLD_VERSION",
+    "TOY_BENCHMARK",
+    "VALIDATION_DOMAIN",
+    "Camera",
+    "Scene",
+    "Side",
+    "Style",
+    "Thing",
+    "ToyWorld",
+    "benchmark_datasets",
+    "draw_scene",
+    "rasterize",
+    "recolor",
+    "render",
+    "render_across_domains",
+    "render_digest",
+    "render_sample",
+    "sample_style",
+    "scene_seed",
+    "style_palette",
+    "stylize",
+]
+
 TOYWORLD_VERSION = "1.0"
 
 DEFAULT_SIZE: tuple[int, int] = (64, 128)

@@ -1,7 +1,8 @@
 """Static checks of the lesson notebooks (nbval executes them; this checks how they are kept).
 
 - committed outputs are fresh: made by ``python -m reprod.course.notebooks --in-place`` with the
-  current ``lessons`` code and ToyWorld version (the notebook metadata records both), run top to bottom;
+  current ``lessons`` code and ToyWorld version (the notebook metadata records both), run top to
+  bottom;
 - files are clean under ``nbstripout --keep-output --keep-count``;
 - every lesson follows the notebook pattern: Colab badge and guarded install cell, goals, time,
   a summary, exercises with a solutions notebook, references;

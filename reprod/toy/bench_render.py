@@ -19,6 +19,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from lessons import toyworld as tw
+from lessons.utils import hardware
+
+__all__ = [
+    "images_per_second", "main",
+]
 
 
 def images_per_second(domain: str, n: int, size: tuple[int, int]) -> float:
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     size = tuple(args.size)
     print(f"ToyWorld {tw.TOYWORLD_VERSION}, {size[0]}x{size[1]}, one core, "
-          f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
+          f"{hardware('cpu')}, python {platform.python_version()}")
     rates = {d: images_per_second(d, args.n, size) for d in tw.DOMAINS}
     for d, r in rates.items():
         print(f"{d:>12s} {r:8.0f} images/s")

@@ -47,6 +47,11 @@ from lessons.querydiff import (
 )
 from reprod.toy.resumable import ResumableRun, card_facts, write_card_files
 
+__all__ = [
+    "DiffusionConfig", "DiffusionProbe", "DiffusionRun", "layout_probe", "make_batch",
+    "write_card",
+]
+
 
 @dataclass
 class DiffusionConfig:

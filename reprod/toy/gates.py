@@ -53,6 +53,12 @@ from lessons.probe import LinearProbe
 from lessons.train import TrainConfig, evaluate, evaluate_domains, train
 from lessons.utils import seed_everything
 
+__all__ = [
+    "GATES", "GATES_FILE", "THRESHOLDS", "check_probes", "check_scratch", "check_teacher",
+    "check_vlm", "gate_lines", "invariance", "main", "measure", "probe_results", "probe_table",
+    "scratch_results", "teacher_results", "vlm_results",
+]
+
 GATES_FILE = WEIGHTS_DIR / "gates.json"
 GATES = ("G1", "G2", "G3", "G4", "G5")
 THRESHOLDS = {"G1": 10.0, "G2": 15.0, "G3": 20.0, "G4_source": 10.0, "G4_targets": 5.0,

@@ -77,7 +77,35 @@ from torch import nn
 
 from lessons import toyworld as tw
 from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder, get_bundle
-from reprod.toy.resumable import ResumableRun, card_facts, hardware, write_card_files
+from lessons.utils import hardware
+from reprod.toy.resumable import ResumableRun, card_facts, write_card_files
+
+__all__ = [
+    "INVARIANT_P_SAME",
+    "OBJECTIVES",
+    "OBJECTIVE_TEXT",
+    "RUN_DIR",
+    "DINOHead",
+    "SSLNet",
+    "VFMConfig",
+    "VFMRun",
+    "at_corresponding",
+    "correspondence",
+    "dense_nce",
+    "dense_vicreg",
+    "main",
+    "make_batch",
+    "masked_mean",
+    "one_view_masked",
+    "photometric",
+    "render_pair",
+    "sample_box",
+    "sinkhorn_knopp",
+    "ssl_losses",
+    "teacher_probs",
+    "vicreg_terms",
+    "write_card",
+]
 
 RUN_DIR = Path("runs/pretrain_toy")             # + /vfm, /vlm or /diffusion
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lessons.utils import hardware
 from reprod.safe_io import load_weights_only
 
-
-def hardware() -> str:
-    """CPU and thread count, or the GPU's name."""
-    return (f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-            if not torch.cuda.is_available() else torch.cuda.get_device_name(0))
+__all__ = [
+    "ResumableRun", "card_facts", "cosine_lr", "data_lines", "gate_section", "sha256",
+    "write_card_files",
+]
 
 
 def sha256(path: str | Path) -> str:

@@ -40,6 +40,11 @@ from lessons.classes import CLASSES
 from lessons.text import CATSEG_TEMPLATE, default_tokenizer, encode_text
 from reprod.toy.resumable import ResumableRun, card_facts, write_card_files
 
+__all__ = [
+    "Batch", "VLMConfig", "VLMRun", "clip_loss", "crop_classification", "make_batch",
+    "measure", "region_embeddings", "retrieval", "write_card", "zero_shot_miou",
+]
+
 
 @dataclass
 class VLMConfig:
