@@ -3,6 +3,8 @@
     python -m reprod.course.notebook_imports          # import each one: OK / FAIL, exit 1 on a FAIL
     python -m reprod.course.notebook_imports --list   # only print their names, one a line
     python -m reprod.course.notebook_imports --only lessons reprod    # just these packages
+    python -m reprod.course.notebook_imports --root CHECKOUT   # notebooks of a checkout, run
+                                                     # elsewhere to import the installed package
 
 The notebooks are executed on Linux only; the CI's Windows and macOS jobs install the package
 (no ``dev`` extra) and run this to check that everything a lesson imports imports there: the
@@ -56,12 +58,12 @@ def imports_of(source: str) -> set[tuple[str, tuple[str, ...]]]:
     return found
 
 
-def resolve(module: str, names: tuple[str, ...]) -> list[str]:
+def resolve(module: str, names: tuple[str, ...], root: Path = ROOT) -> list[str]:
     """The modules an import statement loads: ``module``, and ``module.name`` for submodules."""
     out = [module]
     top = module.split(".")[0]
     if top in ("lessons", "reprod"):    # our packages: a name may be a submodule (no import)
-        base = ROOT.joinpath(*module.split("."))
+        base = root.joinpath(*module.split("."))
         out += [f"{module}.{n}" for n in names
                 if base.joinpath(f"{n}.py").exists() or base.joinpath(n, "__init__.py").exists()]
     return out
@@ -79,7 +81,7 @@ def notebook_imports(root: Path = ROOT, only: list[str] | None = None) -> list[s
             except SyntaxError as e:
                 raise SyntaxError(f"{nb.relative_to(root)}: {e}") from e
             for module, names in stmts:
-                modules.update(resolve(module, names))
+                modules.update(resolve(module, names, root))
     top = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names
            and m != "__future__"}
     if only:
@@ -105,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the module names and stop")
     ap.add_argument("--only", nargs="+", metavar="PACKAGE",
                     help="only modules of these top-level packages (e.g. lessons reprod)")
+    ap.add_argument("--root", type=Path, default=ROOT,
+                    help="the checkout whose notebooks/ to read (default: this one)")
     args = ap.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")   # matplotlib.pyplot without a display
-    modules = notebook_imports(only=args.only)
+    modules = notebook_imports(args.root.resolve(), only=args.only)
     if args.list:
         print("\n".join(modules))
         return 0
