@@ -89,6 +89,7 @@ __all__ = [
     "openai_state_dict",
     "read_torchscript_state_dict",
     "register",
+    "toy_weights_dir",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,6 +99,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def toy_weights_dir(world: str | None = None) -> Path:
+    """The folder of a ToyWorld version's toy foundation models (default: the current world,
+    ``lessons.toyworld.use_world``): ``lessons/weights`` for world 2, ``lessons/weights/world1``
+    for world 1 (its models were trained on world 1's renders)."""
+    from lessons.toyworld import TOYWORLD_VERSION, current_world
+
+    world = world or current_world()
+    return WEIGHTS_DIR if world == TOYWORLD_VERSION else WEIGHTS_DIR / f"world{world.split('.')[0]}"
 
 
 @dataclass(frozen=True)

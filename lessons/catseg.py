@@ -54,7 +54,7 @@ from timm.layers import Mlp
 from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 
-from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder
+from lessons.backbones import Encoder, build_encoder, toy_weights_dir
 from lessons.checkpoints import trainable_state_dict
 from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from lessons.convert import CATSEG_AGGREGATOR as OFFICIAL_AGGREGATOR
@@ -789,7 +789,7 @@ def build_toy_catseg(held_out: Sequence[str] = (HELD_OUT_CLASS,), pretrained: bo
     unknown = [c for c in held_out if c not in CLASSES]
     if unknown:
         raise ValueError(f"unknown class(es) {unknown}; choose from {CLASSES}")
-    weights = WEIGHTS_DIR if pretrained else None
+    weights = toy_weights_dir() if pretrained else None
     encoder = build_encoder("toy_vlm", weights)
     cfg = replace(TOY_CATSEG, **overrides) if overrides else TOY_CATSEG
     kept = [i for i, c in enumerate(CLASSES) if c not in held_out]

@@ -9,7 +9,8 @@ judge whether it still fits the code:
   in :data:`BUILDERS` are called, and only with keyword arguments of their signature whose JSON
   values fit the annotation (a path or a module can only be null, ``**kwargs`` not given): a
   ``.safetensors`` file can hold tensors and choose among known models, nothing else;
-- ``toyworld_version``: a checkpoint trained on another ToyWorld version does not load;
+- ``toyworld_version``: the world it was trained on; the model is rebuilt with that world's toy
+  foundation models (``lessons.toyworld.use_world``), and an unknown version does not load;
 - ``lessons_modules`` / ``lessons_digest``: the code it was trained with (shown, not enforced:
   the state dict loading strictly is what proves it still fits);
 - ``method``, ``seed``, ``train_config``, ``val_miou``, ``best_step``, ``seconds``, ``hardware``.
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lessons.backbones import WEIGHTS_DIR
-from lessons.toyworld import TOYWORLD_VERSION
+from lessons.toyworld import WORLD_VERSIONS, use_world
 
 __all__ = [
     "BUILDERS",
@@ -221,10 +222,16 @@ def load_lesson_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ValueError(f"{path} is not a lesson checkpoint: its header lacks {missing}")
-    if meta["toyworld_version"] != TOYWORLD_VERSION:
-        raise ValueError(f"{path} was trained on ToyWorld {meta['toyworld_version']}, this is "
-                         f"{TOYWORLD_VERSION}: retrain it with `python -m reprod.toy.sweep`")
-    model = build_model(meta["builder"], meta["builder_kwargs"])
+    world = meta["toyworld_version"]
+    if world not in WORLD_VERSIONS:
+        raise ValueError(f"{path} was trained on ToyWorld {world!r}, which this code does not "
+                         f"know ({', '.join(WORLD_VERSIONS)}): retrain it with "
+                         "`python -m reprod.toy.sweep`")
+    previous = use_world(world)                     # its world's toy foundation models
+    try:
+        model = build_model(meta["builder"], meta["builder_kwargs"])
+    finally:
+        use_world(previous)
     state = load_file(str(path))
     own = model.state_dict()
     wrong = sorted(set(state) - set(own))

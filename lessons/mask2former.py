@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder
+from lessons.backbones import Encoder, build_encoder, toy_weights_dir
 from lessons.checkpoints import trainable_state_dict
 from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from lessons.rein import Reins
@@ -76,8 +76,6 @@ __all__ = [
     "MFUSER_M2F",
     "REIN_M2F",
     "TOY_M2F",
-    "TOY_VFM_WEIGHTS",
-    "TOY_VLM_WEIGHTS",
     "TQDM_M2F",
     "ContextDecoder",
     "ContextDecoderLayer",
@@ -1111,8 +1109,6 @@ class MaskFormerSegmentor(nn.Module):
 # The notebooks' models
 # ----------------------------------------------------------------------------------------------
 
-TOY_VLM_WEIGHTS = WEIGHTS_DIR / "toy_vlm.safetensors"
-TOY_VFM_WEIGHTS = WEIGHTS_DIR / "toy_vfm.safetensors"
 
 
 def toy_config(**overrides) -> Mask2FormerConfig:
@@ -1129,7 +1125,7 @@ def build_toy_tqdm(queries: str = "text", matcher: str = "identity", text_attent
     query form on the same encoder (the notebook's comparison)."""
     from lessons.text import TQDM_REGULARIZER_TEMPLATE, PromptLearner, encode_text
 
-    enc = build_encoder("toy_vlm", TOY_VLM_WEIGHTS if pretrained else None)
+    enc = build_encoder("toy_vlm", toy_weights_dir() if pretrained else None)
     for name, p in enc.model.named_parameters():
         if not name.startswith("visual."):
             p.requires_grad_(False)          # the text tower and logit scale stay frozen
@@ -1156,7 +1152,7 @@ def build_toy_rein_mask2former(token_length: int = 19, lora_rank: int | None = 8
                                ) -> MaskFormerSegmentor:
     """Rein + Mask2Former on the frozen toy VFM: the tokens' link gives the decoder's queries
     (m = ``token_length`` queries; the paper: 100), Hungarian matching, Rein's rescale neck."""
-    enc = build_encoder("toy_vfm", TOY_VFM_WEIGHTS if pretrained else None)
+    enc = build_encoder("toy_vfm", toy_weights_dir() if pretrained else None)
     cfg = toy_config(in_channels=(enc.width,) * 4, query_source="rein", num_queries=token_length)
     reins = Reins(enc.depth, enc.width, token_length=token_length, lora_rank=lora_rank,
                   query_dim=cfg.hidden_dim, link_to_queries=True, patch_size=enc.patch_size)

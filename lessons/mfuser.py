@@ -64,14 +64,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lessons.backbones import Encoder, _attention_pool_dense, build_encoder
+from lessons.backbones import Encoder, _attention_pool_dense, build_encoder, toy_weights_dir
 from lessons.classes import CLASSES
 from lessons.convert import convert_official_mfuser, load_official_mfuser
 from lessons.convert import official_mfuser_to_ours as official_to_ours
 from lessons.mask2former import (
     MFUSER_M2F,
-    TOY_VFM_WEIGHTS,
-    TOY_VLM_WEIGHTS,
     ContextDecoder,
     Mask2FormerHead,
     MaskClassificationLoss,
@@ -597,8 +595,8 @@ def build_toy_mfuser(fusion: str = "mvfuser", enhancer: str = "mtenhancer",
     384-channel maps, an MTEnhancer of width 64, the toy Mask2Former with 19 text queries."""
     from lessons.text import PromptLearner
 
-    vfm = build_encoder("toy_vfm", TOY_VFM_WEIGHTS if pretrained else None)
-    vlm = build_encoder("toy_vlm", TOY_VLM_WEIGHTS if pretrained else None)
+    vfm = build_encoder("toy_vfm", toy_weights_dir() if pretrained else None)
+    vlm = build_encoder("toy_vlm", toy_weights_dir() if pretrained else None)
     fused = FusedEncoder(vfm, vlm, fusion, projections=projections, heads=4, d_state=d_state)
     E = vlm.bundle.embed_dim
     prompts = PromptLearner(vlm.model, CLASSES, n_ctx=n_ctx)

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder
+from lessons.backbones import Encoder, build_encoder, toy_weights_dir
 from lessons.mask2former import (
     Mask2FormerHead,
     MaskClassificationLoss,
@@ -79,6 +79,7 @@ from lessons.mask2former import (
     toy_config,
 )
 from lessons.rein import Reins
+from lessons.toyworld import current_world
 
 __all__ = [
     "SD21_UNET",
@@ -89,7 +90,7 @@ __all__ = [
     "TOY_FEATURE_LAYERS",
     "TOY_IMAGE_SIZE",
     "TOY_UNET",
-    "UNET_CHANNELS",
+    "TOY_UNET_WORLD1",
     "AgentQueryGenerator",
     "AgentRefinement",
     "DiffusionConsistencyLoss",
@@ -106,6 +107,8 @@ __all__ = [
     "sd_scheduler",
     "toy_scheduler",
     "toy_timesteps",
+    "toy_unet_config",
+    "unet_channels",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +124,30 @@ TOY_UNET: dict = dict(
 """The toy diffusion teacher: a diffusers ``UNet2DModel`` (DDPM) on 64x128 pixels, the lessons'
 resolution. Its up blocks run at 8x16, 16x32, 32x64 and 64x128: the deepest matches the toy ViT's
 grid (patch 8 at 64x128), as SD 2.1's 32x32 up block matches a patch-16 ViT at 512."""
+TOY_UNET_WORLD1: dict = dict(
+    sample_size=(32, 64), in_channels=3, out_channels=3, layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    norm_num_groups=16, attention_head_dim=32)
+"""World 1's teacher, on 32x64 pixels (its lesson checkpoints were trained against it)."""
 TOY_IMAGE_SIZE = (64, 128)
+
+
+def toy_unet_config(world: str | None = None) -> dict:
+    """The toy U-Net of a ToyWorld version (default: the current world)."""
+    from lessons.toyworld import TOYWORLD_VERSION, current_world
+
+    return TOY_UNET if (world or current_world()) == TOYWORLD_VERSION else TOY_UNET_WORLD1
+
+
+def unet_channels(config: dict | None = None) -> dict[tuple[int, int], int]:
+    """Output channels of a toy U-Net's up-block resnets (the hooks' C_j), without building it."""
+    config = config or toy_unet_config()
+    return {(i, k): c for i, c in enumerate(reversed(config["block_out_channels"]))
+            for k in range(config["layers_per_block"] + 1)}
+
+
 TOY_FEATURE_LAYERS = ((0, 1), (1, 1), (2, 1))
 """(up block, resnet) hooks of the toy U-Net: the last resnet of the first three up blocks,
 before their upsamplers (64 ch @ 8x16, 64 @ 16x32, 64 @ 32x64), as SD's hooks skip its last."""
@@ -139,7 +165,9 @@ SD21_UNET: dict = dict(
 SD_TIMESTEPS = (0, 100)
 """t_w and t_s of the paper (§5.3) on Stable Diffusion's schedule."""
 SD_LATENT_SCALE = 0.18215
-TOY_DIFFUSION_WEIGHTS = WEIGHTS_DIR / "toy_diffusion.safetensors"
+TOY_DIFFUSION_WEIGHTS = "committed"
+"""Default of the toy teacher's ``weights``: the current world's committed file,
+``toy_weights_dir() / "toy_diffusion.safetensors"``; None builds a random-init U-Net."""
 
 
 def sd_scheduler():
@@ -173,16 +201,18 @@ def toy_timesteps() -> tuple[int, int]:
     return tuple(matching_timestep(toy, float(sd.alphas_cumprod[t])) for t in SD_TIMESTEPS)
 
 
-def build_toy_unet(weights: str | Path | None = TOY_DIFFUSION_WEIGHTS):
-    """The toy U-Net (``TOY_UNET``), with the committed weights (None: random init)."""
+def build_toy_unet(weights: str | Path | None = TOY_DIFFUSION_WEIGHTS, world: str | None = None):
+    """A world's toy U-Net (``toy_unet_config``; default: the current world), with its committed
+    weights (``TOY_DIFFUSION_WEIGHTS``), a file, or None (random init)."""
     from diffusers import UNet2DModel
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    unet = UNet2DModel(**TOY_UNET)
+    unet = UNet2DModel(**toy_unet_config(world))
     if weights is None:
         return unet
-    path = Path(weights)
+    path = (toy_weights_dir(world) / "toy_diffusion.safetensors" if weights == TOY_DIFFUSION_WEIGHTS
+            else Path(weights))
     if not path.is_file():
         raise FileNotFoundError(
             f"toy diffusion weights not found at {path}; make them with `python -m "
@@ -309,10 +339,11 @@ class DiffusionTeacher(nn.Module):
         return next(self.unet.parameters()).device
 
     @classmethod
-    def toy(cls, weights: str | Path | None = TOY_DIFFUSION_WEIGHTS) -> DiffusionTeacher:
+    def toy(cls, weights: str | Path | None = TOY_DIFFUSION_WEIGHTS, world: str | None = None
+            ) -> DiffusionTeacher:
         """The toy teacher (:data:`TOY_UNET`) at the timesteps matched to SD's 0 and 100."""
-        return cls(build_toy_unet(weights), toy_scheduler(), toy_timesteps(),
-                   TOY_FEATURE_LAYERS, image_size=TOY_IMAGE_SIZE)
+        return cls(build_toy_unet(weights, world), toy_scheduler(), toy_timesteps(),
+                   TOY_FEATURE_LAYERS, image_size=tuple(toy_unet_config(world)["sample_size"]))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, timesteps: tuple[int, int] = SD_TIMESTEPS,
@@ -638,9 +669,7 @@ def build_toy_querydiff(alpha: float = 1.0, huber_target: str = "strong", num_qu
     """QueryDiff on the toy VFM: Rein + Mask2Former (notebook 03's ``rein_m2f``) plus agent
     queries, refinement and, when ``alpha > 0``, the toy diffusion teacher (built on first use).
     ``alpha=0`` keeps agent queries and refinement without guidance (the ablation)."""
-    from lessons.mask2former import TOY_VFM_WEIGHTS
-
-    enc = build_encoder("toy_vfm", TOY_VFM_WEIGHTS if pretrained else None)
+    enc = build_encoder("toy_vfm", toy_weights_dir() if pretrained else None)
     cfg = toy_config(in_channels=(enc.width,) * 4, query_source="rein", num_queries=num_queries)
     reins = Reins(enc.depth, enc.width, token_length=num_queries, lora_rank=lora_rank,
                   query_dim=cfg.hidden_dim, link_to_queries=True, patch_size=enc.patch_size)
@@ -649,14 +678,12 @@ def build_toy_querydiff(alpha: float = 1.0, huber_target: str = "strong", num_qu
     refinement = AgentRefinement(cfg.hidden_dim, cfg.num_heads, gn_groups=cfg.gn_groups)
     dcl = teacher = None
     if alpha:
-        channels = tuple(UNET_CHANNELS[j] for j in TOY_FEATURE_LAYERS)
+        channels = tuple(unet_channels()[j] for j in TOY_FEATURE_LAYERS)
         dcl = DiffusionConsistencyLoss(enc.width, channels, huber_target)
-        teacher = lambda: DiffusionTeacher.toy(teacher_weights)  # noqa: E731  (built lazily)
+        world = current_world()                  # the teacher is built later, in this world
+        teacher = lambda: DiffusionTeacher.toy(teacher_weights, world)  # noqa: E731  (lazily)
     return QueryDiffSegmentor(enc, RescaleNeck(enc.patch_size), Mask2FormerHead(cfg), criterion,
                               reins=reins, agents=agents, refinement=refinement, dcl=dcl,
                               teacher=teacher, alpha=alpha, queries_from=queries_from)
 
 
-UNET_CHANNELS = {(i, k): c for i, c in enumerate(reversed(TOY_UNET["block_out_channels"]))
-                 for k in range(TOY_UNET["layers_per_block"] + 1)}
-"""Output channels of the toy U-Net's up-block resnets (the hooks' C_j), without building it."""

@@ -32,14 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lessons.backbones import WEIGHTS_DIR, Encoder, build_encoder
+from lessons.backbones import Encoder, build_encoder, toy_weights_dir
 from lessons.classes import NUM_CLASSES
 from lessons.rein import Reins
 
 __all__ = [
     "NORM_LAYERS",
     "NO_DECAY_KEYS",
-    "TOY_VFM_WEIGHTS",
     "LevelHead",
     "Segmentor",
     "build_toy_segmentor",
@@ -157,9 +156,6 @@ class Segmentor(nn.Module):
         return out
 
 
-TOY_VFM_WEIGHTS = WEIGHTS_DIR / "toy_vfm.safetensors"
-
-
 def build_toy_segmentor(method: str, encoder: str = "toy_vfm", pretrained: bool = True,
                         head_dim: int = 128, token_length: int = 20, lora_rank: int | None = 8,
                         link_to_queries: bool = False, zero_init: bool = False,
@@ -171,7 +167,8 @@ def build_toy_segmentor(method: str, encoder: str = "toy_vfm", pretrained: bool 
     """
     if method not in ("frozen", "full", "rein"):
         raise ValueError(f"unknown method {method!r}; choose frozen, full or rein")
-    enc = build_encoder(encoder, TOY_VFM_WEIGHTS if pretrained and encoder == "toy_vfm" else None)
+    enc = build_encoder(encoder, toy_weights_dir() if pretrained and encoder.startswith("toy_")
+                        else None)
     head = LevelHead(enc.width, len(enc.bundle.out_indices), hidden=head_dim)
     reins = None
     if method == "rein":

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lessons import toyworld as tw
 from lessons.backbones import build_encoder
 from lessons.probe import LinearProbe
-from reprod.toy.gates import GATE_TARGETS, check_gate
+from reprod.toy import gates
 
 
 def test_probe_shapes_and_only_the_head_trains():
@@ -36,16 +37,41 @@ def test_probe_keeps_the_encoder_in_eval_mode_and_reads_a_chosen_layer():
         LinearProbe(enc, layer=6)
 
 
-def _results(vfm: float, rand: float, scratch: float, source: float) -> dict:
-    row = lambda v, s: {"synthetic": s, **{d: v for d in GATE_TARGETS}}  # noqa: E731
-    return {"frozen toy VFM + linear": row(vfm, source),
-            "random-init ViT + linear": row(rand, 0.5), "scratch CNN": row(scratch, 0.6)}
+def _probes(vfm: float, rand: float, own: float) -> dict:
+    targets = dict.fromkeys(tw.TARGET_DOMAINS)
+    return {"frozen toy VFM + linear": {"synthetic": 0.6, **dict.fromkeys(targets, vfm)},
+            "random-init ViT + linear": {"synthetic": 0.5, **dict.fromkeys(targets, rand)},
+            "frozen toy VFM + linear, trained on each target": dict.fromkeys(targets, own)}
 
 
-def test_gate_arithmetic():
-    ok = check_gate(_results(vfm=0.45, rand=0.30, scratch=0.35, source=0.60))
-    assert ok["passed"] and ok["over_random_init"] == pytest.approx(15)
-    assert ok["over_scratch"] == pytest.approx(10)
-    assert not check_gate(_results(0.45, 0.40, 0.35, 0.60))["passed"]   # < 10 over random init
-    assert not check_gate(_results(0.45, 0.30, 0.42, 0.60))["passed"]   # < 5 over scratch
-    assert not check_gate(_results(0.58, 0.30, 0.35, 0.60))["passed"]   # no headroom left
+def test_gate_arithmetic_g1_g2():
+    ok = gates.check_probes(_probes(vfm=0.30, rand=0.15, own=0.50))
+    assert ok["G1"]["passed"] and ok["G1"]["margin"] == pytest.approx(15)
+    assert ok["G2"]["passed"] and ok["G2"]["margin"] == pytest.approx(20)
+    no = gates.check_probes(_probes(vfm=0.30, rand=0.25, own=0.40))
+    assert not no["G1"]["passed"] and not no["G2"]["passed"]     # +5 and +10: both short
+    assert no["G1"]["needs"] == 10 and no["G2"]["needs"] == 15
+
+
+def test_gate_arithmetic_g3_g4_g5():
+    scratch = {"scratch CNN + flip + photometric distortion":
+               {"synthetic": 0.6, **dict.fromkeys(tw.TARGET_DOMAINS, 0.35)}}
+    assert gates.check_scratch(scratch)["G3"]["drop"] == pytest.approx(25)
+    vlm = {"maskclip_miou": {"synthetic": 0.12, **dict.fromkeys(tw.TARGET_DOMAINS, 0.06)},
+           "held_out_iou": {"synthetic": 0.11}, "crops": {"crop_top1": 0.85}}
+    assert gates.check_vlm(vlm)["G4"]["passed"]
+    vlm["held_out_iou"]["synthetic"] = 0.05
+    assert not gates.check_vlm(vlm)["G4"]["passed"]
+    teacher = {"invariance": {"weak": 0.5, "strong": 0.6}, "teacher_probe_painted": 0.3,
+               "student_probe_painted": 0.2}
+    assert gates.check_teacher(teacher)["G5"]["passed"]
+    teacher["invariance"]["strong"] = 0.4
+    assert not gates.check_teacher(teacher)["G5"]["passed"]
+    lines = gates.gate_lines(gates.check_teacher(teacher))
+    assert lines[0].startswith("G5: NOT passed")
+
+
+def test_the_gates_run_end_to_end_small(tmp_path):
+    """The whole measurement at smoke size on random weights: every gate gets a verdict."""
+    measured = gates.measure(gates=("G3",), small=True, weights=tmp_path)
+    assert set(measured["gates"]) == {"G3"} and measured["small"]

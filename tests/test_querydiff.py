@@ -57,7 +57,7 @@ def test_teacher_features_shapes_channels_and_frozen(teacher, batch):
     assert [tuple(x.shape[1:]) for x in f.weak] == shapes
     assert [tuple(x.shape[1:]) for x in f.strong] == shapes
     assert teacher.channels == (64, 64, 32)
-    assert teacher.channels == tuple(qd.UNET_CHANNELS[j] for j in qd.TOY_FEATURE_LAYERS)
+    assert teacher.channels == tuple(qd.unet_channels()[j] for j in qd.TOY_FEATURE_LAYERS)
     assert not any(p.requires_grad for p in teacher.parameters())
     assert not any(x.requires_grad for x in f.weak + f.strong)
     teacher.train()

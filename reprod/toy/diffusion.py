@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lessons import toyworld as tw
+from lessons.backbones import toy_weights_dir
 from lessons.classes import NUM_CLASSES
 from lessons.querydiff import (
-    TOY_DIFFUSION_WEIGHTS,
     TOY_IMAGE_SIZE,
     TOY_UNET,
     DiffusionTeacher,
@@ -120,7 +120,7 @@ class DiffusionRun(ResumableRun):
         """The EMA U-Net as fp16 safetensors (``lessons.querydiff.build_toy_unet`` loads it)."""
         from safetensors.torch import save_file
 
-        path = Path(path or TOY_DIFFUSION_WEIGHTS)
+        path = Path(path or toy_weights_dir(tw.TOYWORLD_VERSION) / "toy_diffusion.safetensors")
         state = {k: v.half().contiguous().cpu() for k, v in self.ema.state_dict().items()}
         save_file(state, str(path), metadata={"toyworld_version": self.cfg.toyworld_version,
                                               "steps": str(self.step)})
