@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -29,14 +30,26 @@ def test_ruff_is_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-MAX_WEIGHTS_BYTES = 50 << 20  # all toy weights together: the repository's budget
+MAX_WEIGHTS_BYTES = 50 << 20  # a world's toy weights together: the repository's budget
 WEIGHTS = ROOT / "lessons" / "weights"
+WORLD1 = WEIGHTS / "world1"     # world 1's toy models, kept while lesson checkpoints use them
 
 
 def _is_weights(p: Path) -> bool:
-    """Toy foundation models (weights/) and lesson checkpoints (weights/checkpoints/<lesson>/)."""
-    return p.suffix == ".safetensors" and (p.parent == WEIGHTS
+    """Toy foundation models (weights/, weights/world1/) and lesson checkpoints
+    (weights/checkpoints/<lesson>/)."""
+    return p.suffix == ".safetensors" and (p.parent in (WEIGHTS, WORLD1)
                                            or p.parent.parent == WEIGHTS / "checkpoints")
+
+
+def _world(p: Path) -> str:
+    """The ToyWorld version a weights file was made on (its header or its card says)."""
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata() or {}
+    value = meta.get("toyworld_version", "?")           # JSON in lesson checkpoints' headers
+    return json.loads(value) if value.startswith('"') else value
 
 
 def test_no_large_files():
@@ -46,10 +59,16 @@ def test_no_large_files():
 
 
 def test_toy_weights_stay_within_their_budget():
-    weights = [p for p in _tracked() if _is_weights(p)]
-    total = sum(p.stat().st_size for p in weights if p.exists())
-    assert total <= MAX_WEIGHTS_BYTES, f"toy weights take {total / 2**20:.1f} MiB"
-    models = [p for p in weights if p.parent == WEIGHTS]
+    """Each world's toy weights (its models and the lesson checkpoints made on it) within the
+    budget. World 1's stay beside world 2's only while lesson checkpoints are trained on it."""
+    weights = [p for p in _tracked() if _is_weights(p) and p.exists()]
+    per_world: dict[str, int] = {}
+    for p in weights:
+        per_world[_world(p)] = per_world.get(_world(p), 0) + p.stat().st_size
+    assert set(per_world) <= {"1.0", "2.0"}, per_world
+    for world, total in per_world.items():
+        assert total <= MAX_WEIGHTS_BYTES, f"world {world}: toy weights take {total >> 20} MiB"
+    models = [p for p in weights if p.parent in (WEIGHTS, WORLD1)]
     assert all(p.with_suffix(".md").exists() for p in models), "every toy model has a card"
 
 
