@@ -13,6 +13,10 @@ mis-shaped, or someone else's):
   :func:`convert_official_mfuser`; its checkpoints hold everything, the frozen towers included,
   which come from their own pretrained files here.
 - **CAT-Seg** (``cvlab-kaist/CAT-Seg``, detectron2): :func:`convert_official_catseg`.
+- **tqdm** (``ByeongHyunPak/tqdm``, mmseg 0.16 / mmcv 1.x): :func:`convert_official_tqdm`; its
+  checkpoints hold everything (the fine-tuned visual tower, the frozen text tower and the visual
+  regulariser's frozen copy of the initial tower); the trained parts are converted. Unverified:
+  no released tqdm file has been loaded yet.
 
 The Mask2Former head has the same modules in both frameworks but two naming schemes, mmdet 3.x's
 (Rein: ``self_attn`` / ``cross_attn`` / ``ffn.layers``) and mmcv 1.x's (tqdm and MFuser:
@@ -38,6 +42,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from lessons.catseg import CATSeg
+    from lessons.mask2former import MaskFormerSegmentor
     from lessons.mfuser import MFuserSegmentor
     from lessons.rein import Reins
 
@@ -48,21 +53,25 @@ __all__ = [
     "OFFICIAL_PREFIX",
     "REIN_HEAD_PREFIX",
     "SOURCES",
+    "TQDM_NOT_CONVERTED",
     "VERIFIED_CHECKPOINTS",
     "ConversionReport",
     "convert_official_catseg",
     "convert_official_mfuser",
     "convert_official_rein",
     "convert_official_rein_model",
+    "convert_official_tqdm",
     "file_sha256",
     "load_official",
     "load_official_catseg",
     "load_official_mfuser",
     "load_official_rein",
     "load_official_rein_model",
+    "load_official_tqdm",
     "m2f_head_to_ours",
     "official_mfuser_to_ours",
     "official_rein_head_to_ours",
+    "official_tqdm_to_ours",
     "read_official_checkpoint",
 ]
 
@@ -78,6 +87,9 @@ SOURCES = {
     "catseg": "the released CAT-Seg weights are in the Hugging Face repository "
               "hamacojr/CAT-Seg-weights (see the official README); download them on a machine "
               "with internet",
+    "tqdm": "the released tqdm checkpoints (tqdm-eva02-clip-vit-l-gta, tqdm-eva02-clip-vit-l-city, "
+            "tqdm-clip-vit-b-gta) are linked (Google Drive) from the official README "
+            "(ByeongHyunPak/tqdm)",
 }
 
 
@@ -448,3 +460,116 @@ def load_official_catseg(path: str | Path, model: CATSeg, strict: bool = True
     ``model`` with ``weights_only=True``; returns the report (``strict``: any missing,
     unexpected or mis-shaped key is an error that lists them)."""
     return load_official(path, model, convert_official_catseg, SOURCES["catseg"], strict)[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# tqdm
+# ----------------------------------------------------------------------------------------------
+# Names read from ByeongHyunPak/tqdm@46e616c (mmseg 0.16 / mmcv 1.x): the segmentor
+# (models/segmentors/tqdm_eva_clip.py, tqdm_clip.py) holds ``backbone`` (the visual tower),
+# ``text_encoder``, ``context_decoder``, ``decode_head``, ``contexts`` (1, N_ctx, E), ``gamma`` (E,)
+# and ``reg_E0``, a deep copy of the initial backbone for the visual regulariser. EVA02-CLIP's
+# tower (models/backbones/eva_clip/eva_vit_model.py) names its parts as EVA-CLIP does; ours is
+# timm's ``Eva`` under open_clip, whose names differ in the SwiGLU MLP, the sub-LayerNorms and
+# the q / v biases. The tower also holds the SimpleFPN (``fpn1`` = ConvT, BN, GELU, ConvT;
+# ``fpn2`` = Sequential(ConvT)) and, with RoPE, its sin / cos tables under ``rope`` and under
+# every block's ``attn.rope`` (the same module), which are recomputed from the grid here.
+_EVA_CLIP_TOWER = [           # EVA-CLIP's eva_vit_model.py -> timm's Eva (open_clip's EVA02)
+    (r"^(blocks\.\d+\.attn)\.q_bias$", r"\1.q_proj.bias"),
+    (r"^(blocks\.\d+\.attn)\.v_bias$", r"\1.v_proj.bias"),
+    (r"^(blocks\.\d+\.attn)\.inner_attn_ln\.", r"\1.norm."),
+    (r"^(blocks\.\d+\.mlp)\.w1\.", r"\1.fc1_g."),      # SwiGLU: act(w1 x) * w2 x
+    (r"^(blocks\.\d+\.mlp)\.w2\.", r"\1.fc1_x."),
+    (r"^(blocks\.\d+\.mlp)\.ffn_ln\.", r"\1.norm."),
+    (r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2."),
+]
+_TQDM_TOP = [
+    (r"^backbone\.fpn2\.0\.", "neck.fpn2."),     # the code's Sequential(ConvT); ours is bare
+    (r"^backbone\.fpn(\d)\.", r"neck.fpn\1."),
+    (r"^gamma$", "context_decoder.gamma"),
+    (r"^contexts$", "prompts.contexts"),
+    (r"^context_decoder\.", "context_decoder."),
+]
+TQDM_NOT_CONVERTED = ("text_encoder.", "reg_E0.")
+"""Official tqdm key prefixes that are not converted: the frozen text tower, and ``reg_E0``, the
+frozen copy of the initial visual tower (both come from the pretrained VLM file here)."""
+_ROPE_TABLE = re.compile(r"(^|\.)rope\.freqs_(cos|sin)$")
+
+
+def official_tqdm_to_ours(key: str, tower: str = "encoder.model.visual.trunk") -> str | None:
+    """Our state-dict name for an official tqdm key, or None for what is not converted
+    (:data:`TQDM_NOT_CONVERTED`, and EVA's RoPE tables, which are recomputed). ``tower`` is
+    where our visual tower lives (``encoder.model.visual.trunk`` for EVA02-CLIP under open_clip,
+    ``encoder.model.visual`` for an OpenAI-style CLIP). A key of no known part keeps its name
+    (and is then reported as unexpected)."""
+    if key.startswith(TQDM_NOT_CONVERTED) or _ROPE_TABLE.search(key):
+        return None
+    for pattern, repl in _TQDM_TOP:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    if key.startswith("backbone."):
+        rest = key[len("backbone."):]
+        for pattern, repl in _EVA_CLIP_TOWER:
+            rest = re.sub(pattern, repl, rest)
+        return f"{tower}.{rest}"
+    if key.startswith("decode_head."):
+        return m2f_head_to_ours(key[len("decode_head."):], "mmcv1")
+    return key
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    """The first (state-dict order) name under which ``module`` sits in ``model``."""
+    return next(name for name, m in model.named_modules(remove_duplicate=False) if m is module)
+
+
+def convert_official_tqdm(checkpoint: Mapping, model: MaskFormerSegmentor
+                          ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """An official tqdm checkpoint (mmseg 0.16 ``{"state_dict": ...}``) -> our trained state for
+    ``model`` (``reprod.models.tqdm_mask2former``, or the toy :func:`build_toy_tqdm`).
+
+    Converted by name and shape: the fine-tuned visual tower (EVA-CLIP's names mapped onto
+    timm's ``Eva``; an OpenAI-style CLIP tower keeps its names), the SimpleFPN, ``contexts``
+    ((1, N_ctx, E) -> (N_ctx, E)), ``gamma``, the context decoder and the Mask2Former head in
+    mmcv 1.x names (:func:`m2f_head_to_ours`). The text tower, ``reg_E0`` and the RoPE tables
+    are reported under ``other``. Our encoder's alias of its tower (``encoder.vit.*``) counts as
+    loaded with the tower.
+
+    **Unverified**: the names are derived from the official modules (read at
+    ByeongHyunPak/tqdm@46e616c, the code's only stored version; the project pins 75168af) for
+    the EVA02-CLIP-L-14-336 config ``configs/tqdm/tqdm_eva_vit-l_1e-5_20k-g2c-512.py``, and no
+    released tqdm file has been loaded yet; the report says so until one is in
+    :data:`VERIFIED_CHECKPOINTS`.
+    """
+    from lessons.checkpoints import trainable_keys
+
+    encoder = getattr(model, "encoder", None)
+    if getattr(model, "prompts", None) is None or getattr(encoder, "vit", None) is None:
+        raise ValueError("a tqdm checkpoint needs a tqdm model with prompts (builder tqdm)")
+    sd = _state_dict(checkpoint, "state_dict", "mmseg")
+    tower = _module_name(model, encoder.vit)
+    ours = model.state_dict(keep_vars=True)        # the tensors themselves: aliases are `is`
+    out, report = {}, ConversionReport(what="tqdm")
+    for key, value in sd.items():
+        name = official_tqdm_to_ours(key, tower)
+        if name is None:
+            report.other.append(key)
+            continue
+        if key == "contexts" and value.dim() == 3:
+            value = value[0]                                   # (1, N_ctx, C) -> (N_ctx, C)
+        report.place(key, name, value, ours, out)
+    seen = {id(ours[k]) for k in out}                  # each tensor once, by its first name
+    trained = trainable_keys(model)
+    for k, v in ours.items():
+        if k in trained and id(v) not in seen:
+            seen.add(id(v))
+            report.missing.append(k)
+    report.missing.sort()
+    return out, report
+
+
+def load_official_tqdm(path: str | Path, model: MaskFormerSegmentor, strict: bool = True
+                       ) -> ConversionReport:
+    """Load a released tqdm ``.pth`` (``weights_only=True``) into ``model``; returns the report
+    (``strict``: any missing, unexpected or mis-shaped key is an error that lists them).
+    Unverified until a released file has loaded (see :func:`convert_official_tqdm`)."""
+    return load_official(path, model, convert_official_tqdm, SOURCES["tqdm"], strict)[1]

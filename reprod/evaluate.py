@@ -3,6 +3,7 @@
     python -m reprod.evaluate rein_dinov2_gtav --checkpoint runs/rein_dinov2_gtav/final.safetensors
     python -m reprod.evaluate mfuser_eva_gtav --official mfuser --checkpoint mfuser_eva_gta.pth
     python -m reprod.evaluate rein_dinov2_gtav --official rein --checkpoint rein_dinov2_gta.pth
+    python -m reprod.evaluate tqdm_eva02_gtav --official tqdm --checkpoint tqdm_eva_gta.pth
     python -m reprod.evaluate toy_rein --checkpoint runs/toy_rein/final.safetensors \\
         --targets cityscapes --max-images 8
 
@@ -10,8 +11,9 @@ The config gives the model (its frozen parts from the local weight files it name
 datasets and the protocol (:mod:`reprod.protocols`: sliding window 512 / 341, Rein's
 1024 x 512 with half-size Mapillary, or tqdm / MFuser's full resolution). ``--checkpoint`` is
 ours (``final.safetensors`` or ``checkpoint.pt`` of ``reprod.train``) or, with ``--official``,
-a released ``.pth`` converted on the fly (:func:`lessons.convert.load_official_mfuser`,
-:func:`lessons.convert.load_official_rein_model`); the conversion report is printed and saved.
+a released ``.pth`` converted on the fly (``rein``, ``mfuser``, ``tqdm``, ``catseg``: the
+converters of :mod:`lessons.convert`; tqdm's is unverified until a released file has loaded);
+the conversion report is printed and saved.
 Writes ``results.json`` and ``results.md`` (ours beside the paper's row of
 ``lessons/papers.yaml``) into ``--out`` (default ``runs/<name>/eval-<checkpoint>``).
 ``--max-images`` scores an evenly spread subset, marked as such in every table.
@@ -48,7 +50,8 @@ __all__ = [
     "main",
 ]
 
-OFFICIAL = ("rein", "mfuser")
+OFFICIAL = ("rein", "mfuser", "tqdm", "catseg")
+"""The released-checkpoint families ``--official`` converts (:mod:`lessons.convert`)."""
 
 
 def experiment_protocol(exp: Experiment):
@@ -72,7 +75,7 @@ def load_trained(model: nn.Module, path: str | Path) -> list[str]:
         state = load_weights_only(path, "reprod.train checkpoint")
         if not isinstance(state, Mapping) or "model" not in state:
             raise ValueError(f"{path} is not a reprod.train checkpoint (no 'model' entry); a "
-                             "released checkpoint needs --official rein|mfuser")
+                             f"released checkpoint needs --official {'|'.join(OFFICIAL)}")
         state = check_digest(state, path)["model"]
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
@@ -89,14 +92,16 @@ def load_trained(model: nn.Module, path: str | Path) -> list[str]:
 
 
 def load_official(model: nn.Module, path: str | Path, kind: str, strict: bool = True):
-    """A released checkpoint converted into ``model``; returns the conversion report."""
-    from lessons.convert import load_official_mfuser, load_official_rein_model
+    """A released checkpoint of family ``kind`` (:data:`OFFICIAL`) converted into ``model``;
+    returns the conversion report. The tqdm converter is unverified until a released file has
+    loaded (:func:`lessons.convert.convert_official_tqdm`)."""
+    from lessons import convert
 
-    if kind == "mfuser":
-        return load_official_mfuser(path, model, strict=strict)
-    if kind == "rein":
-        return load_official_rein_model(path, model, strict=strict)
-    raise ValueError(f"unknown --official {kind!r}; choose from {OFFICIAL}")
+    loaders = {"rein": convert.load_official_rein_model, "mfuser": convert.load_official_mfuser,
+               "tqdm": convert.load_official_tqdm, "catseg": convert.load_official_catseg}
+    if kind not in loaders:
+        raise ValueError(f"unknown --official {kind!r}; choose from {OFFICIAL}")
+    return loaders[kind](path, model, strict=strict)
 
 
 def evaluate_experiment(exp: Experiment, model: nn.Module, out_dir: str | Path,
