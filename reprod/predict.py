@@ -23,9 +23,10 @@ to the toy scale (64 x 128) and the prediction back to the photo's size, and eve
 that these models were trained on ToyWorld, not on real streets. A ``reprod`` config: its model
 with the frozen parts from the local weight files it names, and ``--weights`` (our
 ``final.safetensors`` / ``checkpoint.pt``, default ``runs/<name>/final.safetensors``) or a released
-checkpoint with ``--official rein|mfuser`` through the converters; predicted as the config's
-protocol tests (keep-ratio resize to the ``--target``'s scale, sliding window, scores back to
-the image size; ``reprod.protocols``). Weights come only from local files.
+checkpoint with ``--official rein|mfuser|tqdm|catseg`` through the converters
+(:mod:`lessons.convert`; tqdm's is unverified until a released file has loaded); predicted as
+the config's protocol tests (keep-ratio resize to the ``--target``'s scale, sliding window,
+scores back to the image size; ``reprod.protocols``). Weights come only from local files.
 
 **Test-time augmentation** (``--tta``, off by default so the published protocols stay as they
 are): horizontal flip and the scales of mmsegmentation's ``--aug-test`` (0.5 ... 1.75), softmax
@@ -314,14 +315,17 @@ def _png_bytes(label: np.ndarray) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from reprod.evaluate import OFFICIAL
+
     ap = argparse.ArgumentParser(prog="python -m reprod.predict",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a lesson checkpoint (.safetensors) or a reprod config")
     ap.add_argument("--input", nargs="+", required=True, help="images, folders or videos")
     ap.add_argument("--out", type=Path, required=True, help="where predictions go")
     ap.add_argument("--weights", type=Path, help="the trained or released weights (configs)")
-    ap.add_argument("--official", choices=("rein", "mfuser"),
-                    help="--weights is a released checkpoint of this family")
+    ap.add_argument("--official", choices=OFFICIAL,
+                    help="--weights is a released checkpoint of this family (tqdm's converter "
+                    "is unverified until a released file has loaded)")
     ap.add_argument("--target", default="cityscapes",
                     help="the protocol's target whose scale to use (configs; default cityscapes)")
     ap.add_argument("--tta", action="store_true", help="flip + multi-scale test-time "
