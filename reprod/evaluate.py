@@ -6,6 +6,7 @@
     python -m reprod.evaluate tqdm_eva02_gtav --official tqdm --checkpoint tqdm_eva_gta.pth
     python -m reprod.evaluate toy_rein --checkpoint runs/toy_rein/final.safetensors \\
         --targets cityscapes --max-images 8
+    python -m reprod.evaluate tqdm_eva02_gtav --checkpoint final.safetensors --tta
 
 The config gives the model (its frozen parts from the local weight files it names), the target
 datasets and the protocol (:mod:`reprod.protocols`: sliding window 512 / 341, Rein's
@@ -17,6 +18,14 @@ the conversion report is printed and saved.
 Writes ``results.json`` and ``results.md`` (ours beside the paper's row of
 ``lessons/papers.yaml``) into ``--out`` (default ``runs/<name>/eval-<checkpoint>``).
 ``--max-images`` scores an evenly spread subset, marked as such in every table.
+
+``--tta`` (off by default, so the published protocols stay as they are) adds test-time
+augmentation around each image's prediction (:class:`reprod.protocols.TTA`, mmseg's
+``--aug-test``): each scale (``--tta-scales``, default 0.5 0.75 1.0 1.25 1.5 1.75) multiplies the
+target's test scale before the protocol's keep-ratio resize and sliding window over the whole
+image, each view is also flipped (unless ``--tta-no-flip``), and the softmax scores are averaged.
+``results.json`` (``tta``) and ``results.md`` say when it was on and with which scales; the
+default report folder gets a ``-tta`` suffix.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from torch import nn
 from lessons.checkpoints import trainable_state_dict
 from reprod.experiment import Experiment, build_model, load_experiment, target_datasets
 from reprod.protocols import (
+    TTA,
     evaluate_targets,
     get_protocol,
     paper_row,
@@ -48,6 +58,7 @@ __all__ = [
     "load_official",
     "load_trained",
     "main",
+    "tta_option",
 ]
 
 OFFICIAL = ("rein", "mfuser", "tqdm", "catseg")
@@ -107,14 +118,16 @@ def load_official(model: nn.Module, path: str | Path, kind: str, strict: bool = 
 def evaluate_experiment(exp: Experiment, model: nn.Module, out_dir: str | Path,
                         targets: Sequence[str] | None = None, max_images: int | None = None,
                         device: torch.device | str | None = None, extra: dict | None = None,
-                        progress: bool = False, num_workers: int = 0) -> dict:
-    """Score ``model`` on the experiment's targets under its protocol, write the report next to
-    the paper's row; returns the report's essentials (per-target and mean mIoU, paths)."""
+                        progress: bool = False, num_workers: int = 0,
+                        tta: TTA | None = None) -> dict:
+    """Score ``model`` on the experiment's targets under its protocol (with test-time
+    augmentation ``tta`` when given; the report says so), write the report next to the paper's
+    row; returns the report's essentials (per-target and mean mIoU, paths)."""
     proto = experiment_protocol(exp)
     datasets = target_datasets(exp, targets)
     was_training = model.training
     results = evaluate_targets(model, datasets, proto, device=device, max_images=max_images,
-                               progress=progress, num_workers=num_workers)
+                               progress=progress, num_workers=num_workers, tta=tta)
     model.train(was_training)
     paper = label = None
     if exp.paper is not None:
@@ -146,7 +159,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: CUDA when present")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: flips and "
+                   "scales of the test scale, softmax averaged (off: the published protocols)")
+    p.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
+                   help="TTA's scales (default mmseg's 0.5 ... 1.75); implies --tta")
+    p.add_argument("--tta-no-flip", action="store_true", help="TTA without flips; implies --tta")
     return p
+
+
+def tta_option(args: argparse.Namespace) -> TTA | None:
+    """The :class:`TTA` the command line asks for, or None (``--tta``, ``--tta-scales``,
+    ``--tta-no-flip``)."""
+    if not (args.tta or args.tta_scales or args.tta_no_flip):
+        return None
+    scales = tuple(args.tta_scales) if args.tta_scales else TTA().scales
+    return TTA(scales=scales, flip=not args.tta_no_flip)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += [t for t in args.targets if "=" in t]
         args.targets = [t for t in args.targets if "=" not in t] or None
     try:
+        tta = tta_option(args)
         exp = load_experiment(args.config, args.overrides)
         target_datasets(exp, args.targets)               # missing data: fail before the model
         model = build_model(exp)
@@ -168,10 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device(args.device) if args.device else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         model.to(device).eval()
-        out = args.out or Path("runs") / exp.name / f"eval-{Path(args.checkpoint).stem}"
+        out = args.out or Path("runs") / exp.name / (f"eval-{Path(args.checkpoint).stem}"
+                                                     + ("-tta" if tta else ""))
         summary = evaluate_experiment(exp, model, out, args.targets, args.max_images, device,
                                       extra, progress=not args.no_progress,
-                                      num_workers=args.num_workers)
+                                      num_workers=args.num_workers, tta=tta)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,9 @@ pipeline. What the official code calls each piece, and where it is here:
   ``(W // 2, H // 2)``), so Rein's Mapillary mIoU is computed at half-resolution labels. We halve
   on the fly, with the same PIL calls (-> :func:`halve_mapillary`); the official halved images
   are then saved as JPEG at PIL's default quality 75, a re-compression we do not repeat.
+- ``tools/test.py --aug-test`` (mmseg 0.x, which tqdm ships): ``MultiScaleFlipAug`` with
+  ``img_ratios`` 0.5 ... 1.75 and flip, softmax scores averaged. Off unless asked for (none of the
+  papers' tables uses it). -> :class:`TTA`, ``tta=`` of :func:`evaluate_targets`.
 
 The protocols (:data:`PROTOCOLS`): Rein's test pipelines (w1oves/Rein@7da85bc
 ``configs/_base_/datasets/*_512x512.py``, ``rein/dg_metrics.py``) and tqdm's, which MFuser keeps
@@ -82,6 +85,7 @@ from reprod.safe_io import atomic_write_text
 
 __all__ = [
     "PROTOCOLS",
+    "TTA",
     "Protocol",
     "TargetResult",
     "TargetSpec",
@@ -369,15 +373,36 @@ def _predict_scores(model: nn.Module, image: torch.Tensor, protocol: Protocol, s
     return resize_to(scores, size)[0]                                         # (K, H, W)
 
 
+def _tta_scores(model: nn.Module, image: torch.Tensor, protocol: Protocol, spec: TargetSpec,
+                device: torch.device, dtype: torch.dtype, tta: TTA) -> torch.Tensor:
+    """mmseg's ``aug_test`` under a protocol: per ratio the target's scale times the ratio
+    (``MultiScaleFlipAug``: ``int(side * ratio)``), each view also flipped; per view the
+    protocol's keep-ratio resize, sliding window and scores back to the image size; the softmax
+    probabilities averaged: uint8 (3, H, W) -> float32 (K, H, W)."""
+    total, n = None, 0
+    for ratio in tta.scales:
+        view = replace(spec, scale=tuple(max(1, int(side * ratio)) for side in spec.scale))
+        for flipped in ((False, True) if tta.flip else (False,)):
+            x = image.flip(-1) if flipped else image
+            probs = _predict_scores(model, x, protocol, view, device, dtype).softmax(0)
+            probs = probs.flip(-1) if flipped else probs                       # (K, H, W)
+            total = probs if total is None else total.add_(probs)
+            n += 1
+    return total / n
+
+
 @torch.no_grad()
 def predict_image(model: nn.Module, image: torch.Tensor, protocol: str | Protocol, target: str,
-                  device: str | torch.device | None = None) -> torch.Tensor:
+                  device: str | torch.device | None = None, tta: TTA | None = None
+                  ) -> torch.Tensor:
     """Class scores (K, H, W) of one uint8 image (3, H, W) as ``protocol`` tests on ``target``.
 
     The image is halved first where the protocol does (Rein's Mapillary: the scores are then at
     the halved size, where Rein's mIoU is computed), resized keep-ratio into the target's scale,
     scored by a sliding window (``protocol.crop`` / ``.stride``) and the scores resized back.
-    The model's mode is left as it is (call ``model.eval()`` first).
+    With ``tta`` the result is the mean softmax probability over its views (each ratio scales
+    the target's test scale; :class:`TTA`). The model's mode is left as it is (call
+    ``model.eval()`` first).
     """
     protocol = get_protocol(protocol)
     spec = protocol.spec(target)
@@ -385,6 +410,8 @@ def predict_image(model: nn.Module, image: torch.Tensor, protocol: str | Protoco
     if spec.halve:
         image = halve_image(image)
     device, dtype = _model_placement(model, device)
+    if tta is not None:
+        return _tta_scores(model, image, protocol, spec, device, dtype, tta)
     return _predict_scores(model, image, protocol, spec, device, dtype)
 
 
@@ -395,12 +422,20 @@ class TTA:
 
     The scales are mmsegmentation 0.x's ``--aug-test`` ones (``tools/test.py`` sets
     ``img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]`` and ``flip = True``; tqdm ships that
-    script), applied to the whole image before the protocol's own resize and sliding window.
-    Off by default: none of the papers' tables uses it.
+    script). Under a protocol (``tta=`` of :func:`predict_image`, :func:`evaluate_dataset`,
+    :func:`evaluate_targets`) a ratio scales the target's test scale, as ``MultiScaleFlipAug``
+    scales ``img_scale``; each view then gets the protocol's keep-ratio resize and sliding
+    window over the whole image. (Rescaling the image itself first would be undone by that
+    keep-ratio resize.) :meth:`apply` rescales the image itself, for a score function that keeps
+    the size it is given. Off by default: none of the papers' tables uses it.
     """
 
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"TTA needs one or more positive scales, got {self.scales}")
 
     def apply(self, score, image: torch.Tensor) -> torch.Tensor:
         """``score(image (3, h, w) uint8) -> (K, h, w)`` under every view of ``image`` (3, H, W);
@@ -445,6 +480,7 @@ class TargetResult:
     miou: float
     seconds: float
     spec: TargetSpec | None = None
+    tta: TTA | None = None                       # test-time augmentation, when it was on
 
     @property
     def subset(self) -> bool:
@@ -455,7 +491,8 @@ class TargetResult:
         return {"miou": _finite(self.miou), "per_class_iou": dict(self.per_class_iou),
                 "images": self.images, "dataset_size": self.dataset_size,
                 "subset": self.subset, "seconds": round(self.seconds, 3),
-                "settings": self.spec.to_dict() if self.spec else None}
+                "settings": self.spec.to_dict() if self.spec else None,
+                "tta": self.tta.to_dict() if self.tta else None}
 
 
 def _finite(value: float | None) -> float | None:
@@ -497,12 +534,15 @@ def _loader(dataset: Dataset, indices: list[int], num_workers: int) -> DataLoade
 @torch.no_grad()
 def evaluate_dataset(model: nn.Module, dataset: Dataset, protocol: str | Protocol, target: str,
                      device: str | torch.device | None = None, max_images: int | None = None,
-                     progress: bool = False, num_workers: int = 0) -> TargetResult:
+                     progress: bool = False, num_workers: int = 0, tta: TTA | None = None
+                     ) -> TargetResult:
     """mIoU of ``model`` on ``dataset`` (items ``(uint8 image (3, H, W), label (H, W)[, name])``)
     as ``protocol`` tests on ``target``; one confusion matrix over all images, batch size 1.
 
     Runs under ``no_grad`` in eval mode and restores the model's mode afterwards. ``max_images``
     evaluates that many images spread evenly over the set (a subset: the result says so).
+    ``tta``: test-time augmentation around each image's prediction (:class:`TTA`; the result
+    records it).
     """
     protocol = get_protocol(protocol)
     spec = protocol.spec(target)
@@ -523,7 +563,10 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, protocol: str | Protoco
             image, label, _ = _unpack(item, indices[i])
             if spec.halve:
                 image, label = halve_mapillary(image, label)
-            scores = _predict_scores(model, image, protocol, spec, device, dtype)  # (K, H, W)
+            if tta is None:
+                scores = _predict_scores(model, image, protocol, spec, device, dtype)  # (K, H, W)
+            else:
+                scores = _tta_scores(model, image, protocol, spec, device, dtype, tta)
             matrix.update(scores.argmax(0), label.to(scores.device))
     finally:
         model.train(was_training)
@@ -532,17 +575,19 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, protocol: str | Protoco
                         dataset_size=size, confusion=confusion,
                         per_class_iou=_percent_ious(confusion),
                         miou=100 * mean_iou(confusion), seconds=time.perf_counter() - start,
-                        spec=spec)
+                        spec=spec, tta=tta)
 
 
 def evaluate_targets(model: nn.Module, datasets: Mapping[str, Dataset], protocol: str | Protocol,
                      device: str | torch.device | None = None, max_images: int | None = None,
-                     progress: bool = False, num_workers: int = 0) -> dict[str, Any]:
+                     progress: bool = False, num_workers: int = 0, tta: TTA | None = None
+                     ) -> dict[str, Any]:
     """Every target of ``datasets`` (keyed by target name) under ``protocol``.
 
     Returns ``{"protocol": name, "settings": Protocol, "targets": {target: TargetResult},
-    "mean": mIoU %}``; ``mean`` is the unweighted mean over the targets (Rein's ``DGIoUMetric``
-    ``mean_mIoU``). Target names are checked before anything is evaluated.
+    "mean": mIoU %, "tta": TTA or None}``; ``mean`` is the unweighted mean over the targets
+    (Rein's ``DGIoUMetric`` ``mean_mIoU``). Target names are checked before anything is
+    evaluated. ``tta``: test-time augmentation (:class:`TTA`; off by default, as the papers).
     """
     protocol = get_protocol(protocol)
     if not datasets:
@@ -550,10 +595,11 @@ def evaluate_targets(model: nn.Module, datasets: Mapping[str, Dataset], protocol
     for target in datasets:
         protocol.spec(target)
     results = {target: evaluate_dataset(model, ds, protocol, target, device, max_images,
-                                        progress, num_workers)
+                                        progress, num_workers, tta)
                for target, ds in datasets.items()}
     mean = sum(r.miou for r in results.values()) / len(results)
-    return {"protocol": protocol.name, "settings": protocol, "targets": results, "mean": mean}
+    return {"protocol": protocol.name, "settings": protocol, "targets": results, "mean": mean,
+            "tta": tta}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,9 +669,10 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, *, experiment:
     """Write ``results.json`` and ``results.md`` into ``out_dir`` (atomically, the JSON last);
     returns their paths.
 
-    The JSON holds the protocol, per target mIoU, per-class IoU, images (of the set's size),
-    seconds and settings, the mean, the paper row and the comparison, ``extra``, and last the
-    confusion matrices (rows ground truth, columns prediction).
+    The JSON holds the protocol, the test-time augmentation (``tta``: its scales and flip, or
+    None when off), per target mIoU, per-class IoU, images (of the set's size), seconds and
+    settings, the mean, the paper row and the comparison, ``extra``, and last the confusion
+    matrices (rows ground truth, columns prediction).
 
     ``results`` is :func:`evaluate_targets`' output; ``paper`` a :func:`paper_row` dict (or None);
     ``extra`` anything to record (checkpoint, hardware, date, versions: see :func:`run_info`);
@@ -644,7 +691,9 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, *, experiment:
                          f"has ({proto.crop}, {proto.stride}): pass that Protocol itself")
     targets = {t: r.to_dict() for t, r in results["targets"].items()}
     mean = _finite(results.get("mean"))
+    tta = results.get("tta")
     report = {"experiment": experiment, "protocol": proto.to_dict(),
+              "tta": tta.to_dict() if tta is not None else None,
               "targets": targets, "mean": mean,
               "subset": any(t["subset"] for t in targets.values()),
               "paper": None if paper is None else {"label": paper_label, "values": dict(paper)},
@@ -684,6 +733,13 @@ def _header(report: Mapping[str, Any]) -> list[str]:
              f"- Measured on: {measured}",
              "- Images per target: " + ", ".join(f"{k} {_subset_note(t)}"
                                                  for k, t in targets.items())]
+    tta = report.get("tta")
+    if tta:
+        scales = ", ".join(f"{s:g}" for s in tta["scales"])
+        lines.append(f"- **Test-time augmentation**: on: scales {scales} of each target's test "
+                     f"scale{', each also flipped' if tta['flip'] else ', no flip'}, softmax "
+                     "averaged (mmseg's --aug-test); the papers test without it, so the deltas "
+                     "are not like-for-like")
     ours = [f"{k} ({t['settings']['source']})" for k, t in targets.items()
             if t.get("settings") and t["settings"]["ours"]]
     if ours:
