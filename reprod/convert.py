@@ -1,4 +1,5 @@
-"""Released checkpoints -> ours: ``python -m reprod.convert {rein,mfuser} CONFIG CKPT OUT``.
+"""Released checkpoints -> ours: ``python -m reprod.convert {rein,mfuser,tqdm,catseg} CONFIG CKPT
+OUT``.
 
     python -m reprod.convert rein rein_dinov2_gtav rein_dinov2_mask2former_512x512_bs1x4.pth \\
         weights/rein_dinov2_gtav_official.safetensors
@@ -35,8 +36,10 @@ from safetensors.torch import save_file
 from lessons.convert import (
     SOURCES,
     ConversionReport,
+    convert_official_catseg,
     convert_official_mfuser,
     convert_official_rein_model,
+    convert_official_tqdm,
     load_official,
     load_official_rein_model,
     official_rein_head_to_ours,
@@ -51,7 +54,8 @@ __all__ = [
     "official_rein_head_to_ours",
 ]
 
-CONVERTERS = {"rein": convert_official_rein_model, "mfuser": convert_official_mfuser}
+CONVERTERS = {"rein": convert_official_rein_model, "mfuser": convert_official_mfuser,
+              "tqdm": convert_official_tqdm, "catseg": convert_official_catseg}
 
 
 def convert(kind: str, config: str, checkpoint: str | Path, out: str | Path,
@@ -78,7 +82,7 @@ def convert(kind: str, config: str, checkpoint: str | Path, out: str | Path,
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reprod.convert",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=("rein", "mfuser"))
+    p.add_argument("kind", choices=tuple(CONVERTERS))
     p.add_argument("config", help="the experiment config whose model the checkpoint fits")
     p.add_argument("checkpoint", help="the released .pth")
     p.add_argument("out", help="our .safetensors")

@@ -88,20 +88,23 @@ class Predictor:
 
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))   # (3, H, W) uint8
         with torch.no_grad():
-            if self.toy_size is not None:
-                def score(img: torch.Tensor) -> torch.Tensor:
-                    from lessons.train import predict as toy_predict
+            if self.toy_size is None:                         # the config's protocol
+                tta = TTA() if self.tta else None
+                out = predict_image(self.model, x, self.protocol, self.target, self.device, tta)
+                return out.float().cpu() if tta else out.float().cpu().softmax(0)
+            # a toy model sees the photo at the toy scale (TTA's scales around that size)
+            small = F.interpolate(x[None].float(), size=self.toy_size, mode="bilinear",
+                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
 
-                    small = F.interpolate(img[None].float() / 255, size=self.toy_size,
-                                          mode="bilinear", align_corners=False)
-                    out = toy_predict(self.model, small.to(self.device))[0].float().cpu()
-                    return F.interpolate(out[None], size=img.shape[-2:], mode="bilinear",
-                                         align_corners=False)[0]                   # (K, H, W)
-            else:
-                def score(img: torch.Tensor) -> torch.Tensor:
-                    return predict_image(self.model, img, self.protocol, self.target,
-                                         self.device).float().cpu()
-            return TTA().apply(score, x) if self.tta else score(x).softmax(0)
+            def score(img: torch.Tensor) -> torch.Tensor:      # (3, h, w) uint8 -> (K, h, w)
+                from lessons.train import predict as toy_predict
+
+                batch = img[None].float().div(255).to(self.device)
+                return toy_predict(self.model, batch)[0].float().cpu()
+
+            probs = TTA().apply(score, small) if self.tta else score(small).softmax(0)
+            return F.interpolate(probs[None], size=x.shape[-2:], mode="bilinear",
+                                 align_corners=False)[0]                       # (K, H, W)
 
 
 def predict(predictor: Predictor | nn.Module, image: np.ndarray) -> np.ndarray:
