@@ -247,15 +247,18 @@ def paired_difference(results: dict, a: str, b: str, domain: str = "targets' mea
 
 def summary(results: dict, methods: list[str] | None = None) -> dict[str, dict]:
     """Per method: mean, sample standard deviation (ddof = 1; NaN for one seed) and the number of
-    seeds, of mIoU per domain and the targets' mean (percent)."""
+    seeds, of mIoU per domain and the targets' mean (percent). A method asked for by name that
+    has no run is an error, never a silently missing row."""
     by_method: dict[str, list[dict]] = {}
     for rec in results["runs"].values():
         by_method.setdefault(rec["method"], []).append(rec["miou"])
+    missing = [m for m in methods or [] if m not in by_method]
+    if missing:
+        raise ValueError(f"no runs of {missing} in these results (run python -m reprod.toy.sweep "
+                         f"--methods {' '.join(missing)})")
     out = {}
     for m in methods or [m for m in METHODS if m in by_method]:
-        runs = by_method.get(m, [])
-        if not runs:
-            continue
+        runs = by_method[m]
         domains = [d for d in (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS) if d in runs[0]]
         targets = domains[1:]
         vals = {d: 100 * np.array([r[d] for r in runs]) for d in domains}

@@ -57,6 +57,8 @@ def test_summary_is_mean_and_sample_spread_over_seeds():
     one = {"runs": {"rein/seed0": runs["runs"]["rein/seed0"]}}
     assert math.isnan(summary(one)["rein"]["fog"][1])            # one seed has no spread
     assert "| Rein | 1 | 0.0 |" in markdown_table(one)
+    with pytest.raises(ValueError, match=r"no runs of \['rein_m80'\]"):
+        markdown_table(one, ["rein", "rein_m80"])             # a missing row is an error
 
 
 def _paired_runs(diffs: list[float]) -> dict:
