@@ -275,7 +275,7 @@ def create_model(bundle: str | Bundle, weights: str | Path | None = None,
     if b.kwargs:
         model = cls(**cfg)                # a config of our own (the toy VLM)
     else:                                 # open_clip's registry; weights never by tag name
-        with _quiet_logging(path is not None):
+        with _quiet_logging():            # random init is asked for, or we load the file next
             model = open_clip.create_model(b.arch)
     if path is not None:
         try:
@@ -296,15 +296,14 @@ def _weights_error(b: Bundle, path: Path, e: BaseException) -> ValueError:
 
 
 @contextlib.contextmanager
-def _quiet_logging(quiet: bool):
-    """Silence open_clip's "no pretrained weights loaded" warning when we load them next."""
-    if quiet:
-        logging.disable(logging.WARNING)
+def _quiet_logging():
+    """Silence open_clip's "no pretrained weights loaded" warning: the weights are ours to load
+    next, or a random init was asked for (notebook 01's counts)."""
+    logging.disable(logging.WARNING)
     try:
         yield
     finally:
-        if quiet:
-            logging.disable(logging.NOTSET)
+        logging.disable(logging.NOTSET)
 
 
 def load_open_clip_weights(model: nn.Module, path: str | Path) -> None:
