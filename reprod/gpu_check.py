@@ -11,7 +11,7 @@ step would not fit the time budget:
 
 1. ``detect``: the GPU, its memory, torch and CUDA versions;
 2. ``wheels``: installs the carried wheels the bare machine lacks (``--wheels``: open_clip_torch,
-   diffusers, ftfy, ...) and this repository without dependencies;
+   diffusers, ftfy, ...; ``make gpu-carry`` downloads them); the repository runs from its root;
 3. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
    carried sdist (``reprod.install_mamba_ssm --sdist``); skipped when it already imports;
 4. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
@@ -73,13 +73,12 @@ _STEP = "{py} -m reprod.bench step {configs} --precision {p} --batch 2 --size 51
         "--warmup 2 --json {out}/step_{p}.json"
 STEPS: tuple[Step, ...] = (
     Step("detect", "{py} -m reprod.gpu_check --detect --out {out}", 10, "a CUDA GPU"),
-    Step("wheels", "{py} -m pip install -q --no-index --no-deps {wheels}/*.whl && "
-         "{py} -m pip install -q --no-deps --no-build-isolation -e .", 40,
-         "--wheels: a folder of carried wheels (README: carrying files to a GPU machine)",
+    Step("wheels", "{py} -m pip install -q --no-index --no-deps {wheels}/*.whl", 40,
+         "--wheels: a folder of carried wheels (make gpu-carry fills .whl/)",
          optional=True),
     Step("mamba_ssm", "{py} -m reprod.install_mamba_ssm --sdist {sdist}", 180,
          "--sdist: mamba-ssm's source archive, nvcc", limit_s=420, optional=True),
-    Step("pytest_gpu", "{py} -m pytest -m gpu -p no:randomly -q --nbval-lax -o addopts= tests",
+    Step("pytest_gpu", "{py} -m pytest -m gpu -q -o addopts= tests",
          60, "pytest; mamba_ssm for the fused-kernel tests (they skip without it)"),
     Step("scan", "{py} -m reprod.gpu_check --scan --out {out}", 30, "mamba_ssm (else the "
          "pure-PyTorch scan alone is timed)"),
@@ -87,11 +86,17 @@ STEPS: tuple[Step, ...] = (
                                    out="{out}"), 240, "open_clip_torch, diffusers", limit_s=480),
     Step("fusion", "{py} -m reprod.bench fusion --dim 1024 --heads 16 --batch 2 --precision bf16 "
          "--lengths 1024 2048 4096 8192 16384 --json {out}/fusion.json", 45, "a GPU"),
-    Step("ddp", "{py} -m torch.distributed.run --standalone --nproc_per_node 1 -m reprod.train "
-         "toy_rein --distributed --run-dir {out}/ddp train.steps=20 train.eval_every=0 "
-         "evaluate.max_images=8", 60, "torch.distributed with NCCL"),
+    Step("ddp", "{py} -m reprod.prepare_data export-toyworld {out}/toy_data --length 8 "
+         "--datasets gtav cityscapes bdd100k mapillary && "
+         "{py} -m torch.distributed.run --standalone --nproc_per_node 1 -m reprod.train "
+         "toy_rein --distributed --no-progress --run-dir {out}/ddp train.steps=20 "
+         "train.eval_every=0 train.eval_max_images=4 data.source.root={out}/toy_data/gta "
+         "data.targets.cityscapes.root={out}/toy_data/cityscapes "
+         "data.targets.bdd100k.root={out}/toy_data/bdd100k "
+         "data.targets.mapillary.root={out}/toy_data/mapillary", 60,
+         "torch.distributed with NCCL"),
     Step("toy_sweep", "{py} -m reprod.toy.sweep --methods rein mfuser --seeds 0 --steps 100 "
-         "--device cuda --results {out}/toy_sweep.json --no-checkpoints", 90,
+         "--test-length 50 --out {out}/toy_sweep --checkpoint-seeds", 90,
          "the toy weights (lessons/weights)"),
     Step("step_fp32", _STEP.format(py="{py}", configs=" ".join(FP32_CONFIGS), p="fp32",
                                    out="{out}"), 90, "open_clip_torch, diffusers"),
@@ -145,7 +150,8 @@ def _append(out: Path, record: dict) -> None:
 def _figures(step: Step, out: Path) -> object:
     """The JSON a step wrote, if any (bench rows, scan rows, detection)."""
     files = {"detect": "detect.json", "scan": "scan.json", "step_bf16": "step_bf16.json",
-             "fusion": "fusion.json", "toy_sweep": "toy_sweep.json", "step_fp32": "step_fp32.json"}
+             "fusion": "fusion.json", "toy_sweep": "toy_sweep/toy_sweep.json",
+             "step_fp32": "step_fp32.json"}
     path = out / files.get(step.name, "-")
     if path.is_file():
         try:

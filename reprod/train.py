@@ -129,23 +129,29 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ddp: bool = False                  # a process group and DistributedDataParallel are in use
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed(device: str | None = None) -> Dist:
-    """One process, or DDP when ``torchrun`` set ``WORLD_SIZE`` > 1 (NCCL on CUDA, else gloo)."""
+def setup_distributed(device: str | None = None, force: bool = False) -> Dist:
+    """One process, or DDP when ``torchrun`` set ``WORLD_SIZE`` > 1 (NCCL on CUDA, else gloo).
+    ``force`` (``--distributed``) takes the DDP path at world size 1 too: a smoke test of the
+    process group and the DDP wrapper on one GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device != "cpu"
-    if world == 1:
+    if world == 1 and not (force and "RANK" in os.environ):
+        if force:
+            raise ValueError("--distributed needs torchrun (it sets RANK, WORLD_SIZE, "
+                             "MASTER_ADDR): torchrun --nproc_per_node 1 -m reprod.train ...")
         return Dist(device=torch.device(device or ("cuda" if cuda else "cpu")))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+    return Dist(dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu"), True)
 
 
 class LossModule(nn.Module):
@@ -213,7 +219,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _gather(obj, d: Dist) -> list:
-    if d.world == 1:
+    if not d.ddp:
         return [obj]
     out = [None] * d.world
     dist.all_gather_object(out, obj)
@@ -231,7 +237,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
                  "config": exp.to_dict()}
         state["sha256"] = tensor_digest(state)
         atomic_write(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-    if d.world > 1:
+    if d.ddp:
         dist.barrier()
 
 
@@ -375,7 +381,7 @@ class NonFiniteLoss(FloatingPointError):
 
 def train(exp: Experiment, run_dir: str | Path, *, stop_at: int | None = None,
           device: str | None = None, argv: Sequence[str] = (), progress: bool = True,
-          evaluate: bool = True) -> dict:
+          evaluate: bool = True, distributed: bool = False) -> dict:
     """Train (or resume) ``exp`` in ``run_dir`` up to ``train.steps`` (or ``stop_at``, to split
     a run); returns a summary. Evaluates the targets every ``train.eval_every`` steps
     (``evaluate``); at the end writes ``final.safetensors``, then evaluates. A rerun of a
@@ -383,7 +389,7 @@ def train(exp: Experiment, run_dir: str | Path, *, stop_at: int | None = None,
     run; one this call created is removed again if the run fails before it starts."""
     if stop_at is not None and stop_at < 0:
         raise ValueError(f"--stop-at must be >= 0, got {stop_at}")
-    d = setup_distributed(device)
+    d = setup_distributed(device, force=distributed)
     run_dir = Path(run_dir)
     created, lock = False, None
     try:
@@ -457,7 +463,7 @@ def _run(exp: Experiment, run_dir: Path, d: Dist, model: nn.Module,
          evaluate: bool) -> dict:
     t = exp.train
     step_model = LossModule(model)
-    if d.world > 1:
+    if d.ddp:
         step_model = nn.parallel.DistributedDataParallel(
             step_model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=t.find_unused_parameters)
@@ -509,7 +515,7 @@ def _loop(exp: Experiment, run_dir: Path, d: Dist, step_model: nn.Module, model:
     if writer is not None:
         writer.close()
     out = {"seconds": time.perf_counter() - began, "last": last}
-    if d.world > 1:
+    if d.ddp:
         out["ddp_max_param_diff"] = replica_difference(model)
     return out
 
@@ -593,7 +599,7 @@ def _evaluate(exp: Experiment, model: nn.Module, run_dir: Path, step: int, d: Di
                                      extra={"step": step, "run_dir": str(run_dir)})
         set_rng_state(rng)
         mean = report["mean"]
-    if d.world > 1:
+    if d.ddp:
         dist.barrier()
     return mean
 
@@ -638,6 +644,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when present")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="skip the target evaluations")
+    p.add_argument("--distributed", action="store_true",
+                   help="DDP even at world size 1 under torchrun (a smoke test on one GPU)")
     return p
 
 
@@ -648,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir = Path(args.run_dir or Path("runs") / exp.name)
         summary = train(exp, run_dir, stop_at=args.stop_at, device=args.device,
                         argv=["python -m reprod.train", *(argv or sys.argv[1:])],
-                        progress=not args.no_progress, evaluate=not args.no_eval)
+                        progress=not args.no_progress, evaluate=not args.no_eval,
+                        distributed=args.distributed)
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -356,3 +356,15 @@ def test_a_run_that_fails_to_start_leaves_no_directory(in_toy, capsys):
     assert rt.main(["toy_rein", *SMALL, "data.targets.bdd100k.root=nowhere/bdd",  # found now,
                     "--run-dir", str(run)]) == 2                 # not after the training
     assert "nowhere/bdd" in capsys.readouterr().err and not run.exists()
+
+
+def test_distributed_needs_torchrun(monkeypatch):
+    """``--distributed`` (DDP at world size 1, the GPU check's smoke run) outside torchrun is a
+    one-line error, not a hang waiting for a rendezvous."""
+    from reprod.train import setup_distributed
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="--distributed needs torchrun"):
+        setup_distributed("cpu", force=True)
+    assert not setup_distributed("cpu").ddp
