@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from lessons.augment import augment_batch
 from lessons.classes import IGNORE_INDEX, NUM_CLASSES
 from lessons.metrics import ConfusionMatrix, per_class_iou
 from lessons.utils import get_device
@@ -73,6 +74,8 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True            # tqdm progress bar
     device: str | None = None        # None: CUDA when present, else CPU
+    augment: bool = False            # the recipes' flip + photometric distortion, per batch
+    autocast: str | None = None      # "bf16": forward under bfloat16 autocast (AMX CPUs, GPUs)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adamw or sgd")
         if self.schedule not in ("poly", "linear", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose poly, linear, constant")
+        if self.autocast not in (None, "bf16"):
+            raise ValueError(f"unknown autocast {self.autocast!r}; choose None or 'bf16'")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainConfig:
@@ -296,11 +301,16 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
     hist = History(config=asdict(cfg))
     best_state = None
     batches = _batches(dataset, cfg)
+    aug = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)       # augmentation draws
+    amp = torch.bfloat16 if cfg.autocast == "bf16" else None
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="train", leave=False, **_quiet(cfg.progress))
     for step in bar:
         images, labels = next(batches)
-        out = train_step(model, images.to(device), labels.to(device), optimizer, cfg.grad_clip)
+        if cfg.augment:
+            images, labels = augment_batch(images, labels, aug)
+        out = train_step(model, images.to(device), labels.to(device), optimizer, cfg.grad_clip,
+                         autocast_dtype=amp)
         hist.steps.append(step + 1)
         hist.loss.append(out["loss"])
         hist.lr.append(max(scheduler.get_last_lr()))

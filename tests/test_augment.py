@@ -48,3 +48,35 @@ def test_augmented_flips_image_and_label_together_and_is_reproducible():
     again2 = Augmented(base, seed=3)
     assert all(torch.equal(a, again2[i][0]) for i, a in enumerate(first))
     assert "photometric=True" in repr(again)
+
+
+def test_torch_hsv_matches_matplotlib_and_round_trips():
+    from matplotlib.colors import rgb_to_hsv
+
+    from lessons.augment import hsv_to_rgb_torch, rgb_to_hsv_torch
+
+    x = torch.rand(3, 3, 8, 16, generator=torch.Generator().manual_seed(0))
+    ref = torch.from_numpy(rgb_to_hsv(x.permute(0, 2, 3, 1).numpy())).permute(0, 3, 1, 2)
+    torch.testing.assert_close(rgb_to_hsv_torch(x), ref.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(hsv_to_rgb_torch(rgb_to_hsv_torch(x)), x, atol=1e-5, rtol=0)
+
+
+def test_batch_augmentation_draws_what_the_per_image_one_draws():
+    """Flips move labels with images; the photometric statistics of a batch match the per-image
+    mmseg distortion's (mean change of brightness and spread over many draws)."""
+    from lessons.augment import augment_batch, photometric_distortion
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(64, 3, 8, 16, generator=g)
+    labels = torch.arange(16).repeat(64, 8, 1)                      # column index as label
+    out, lab = augment_batch(images, labels, g, photometric=False)
+    flipped = lab[:, 0, 0] == 15
+    assert 16 < int(flipped.sum()) < 48                             # about half flipped
+    torch.testing.assert_close(out[flipped], images[flipped].flip(-1))
+    out, _ = augment_batch(images, labels, g, flip=False)
+    rng = np.random.default_rng(1)
+    ref = np.stack([photometric_distortion(im.numpy(), rng) for im in images])
+    for stat in (np.mean, np.std):
+        a, b = stat((out - images).numpy()), stat(ref - images.numpy())
+        assert abs(a - b) < 0.03, (stat.__name__, a, b)
+    assert out.min() >= 0 and out.max() <= 1

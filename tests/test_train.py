@@ -644,3 +644,21 @@ def test_tiny_seg_net_gradients_reach_the_first_conv():
     assert isinstance(first, nn.Conv2d) and first.in_channels == 3
     assert first.weight.grad is not None and float(first.weight.grad.abs().sum()) > 0
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_train_with_batch_augmentation_and_bf16_autocast():
+    """The sweep's fast path: per-batch augmentation and bfloat16 autocast train and stay
+    reproducible for a seed."""
+    data = ToyWorld("synthetic", "train", length=32, seed=0)
+    cfg = TrainConfig(steps=3, batch_size=8, augment=True, autocast="bf16", progress=False,
+                      device="cpu")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = TinySegNet()
+        hist = train(model, data, cfg)
+        runs.append((hist.loss, next(iter(model.parameters())).detach().clone()))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+    assert all(math.isfinite(v) for v in runs[0][0])
+    with pytest.raises(ValueError, match="unknown autocast"):
+        TrainConfig(autocast="fp8")
