@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 # Student copies (notebooks/students/, made by `make students`) stop at a TODO that raises:
 # nbval must not run them; tests/test_student_copies.py runs their setup cells instead.
 collect_ignore_glob = ["notebooks/students/*"]
@@ -25,6 +27,17 @@ def pytest_collectstart(collector):
     # with library versions) nor HTML/JS renderings.
     if getattr(collector, "fspath", None) and collector.fspath.ext == ".ipynb":
         collector.skip_compare += ("text/html", "application/javascript", "stderr")
+
+
+@pytest.fixture
+def in_world_2():
+    """Run a test in ToyWorld 2, the world the toy foundation models are pretrained and gated
+    in, whatever the course's default (``lessons.toyworld.COURSE_WORLD``)."""
+    from lessons import toyworld as tw
+
+    previous = tw.use_world("2.0")
+    yield
+    tw.use_world(previous)
 
 
 # The whole CI run must stay well under 30 minutes: fail the session when it passes this budget.

@@ -182,7 +182,7 @@ def run_one(method: str, seed: int, steps: int | None = None, test_length: int =
     modules = module_closure(spec.builder.split(":")[0].removeprefix("lessons."))
     meta = {"builder": spec.builder, "builder_kwargs": spec.builder_kwargs, "method": method,
             "lesson": spec.lesson, "seed": seed, "train_config": asdict(cfg),
-            "toyworld_version": tw.TOYWORLD_VERSION, "lessons_modules": modules,
+            "toyworld_version": tw.current_world(), "lessons_modules": modules,
             "lessons_digest": lessons_digest(modules), "best_step": hist.best_step,
             "val_miou": hist.best_miou, "seconds": round(hist.seconds, 1),
             "augment": spec.augment, "hardware": hardware(), "torch": torch.__version__}
@@ -200,7 +200,7 @@ def run_one(method: str, seed: int, steps: int | None = None, test_length: int =
                              for v in result["per_class_iou"].tolist()]
     return {**{k: meta[k] for k in ("method", "seed", "best_step", "val_miou", "seconds",
                                      "augment", "hardware", "torch", "lessons_digest")},
-            "toyworld_version": tw.TOYWORLD_VERSION, "train_config": asdict(cfg),
+            "toyworld_version": tw.current_world(), "train_config": asdict(cfg),
             "test_length": test_length, "miou": miou, "class_iou": class_iou,
             "trainable_parameters": count_parameters(model),
             "checkpoint": checkpoint.name if checkpoint else None,
@@ -214,7 +214,7 @@ def load_results(path: Path = RESULTS_FILE) -> dict:
 
 
 def is_done(record: dict | None, cfg: TrainConfig, test_length: int, augment: bool) -> bool:
-    return (record is not None and record.get("toyworld_version") == tw.TOYWORLD_VERSION
+    return (record is not None and record.get("toyworld_version") == tw.current_world()
             and record.get("train_config") == asdict(cfg)
             and record.get("test_length") == test_length and record.get("augment") == augment)
 

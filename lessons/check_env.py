@@ -28,7 +28,8 @@ MINIMUMS: dict[str, str] = {
     "torch": "2.4", "torchvision": "0.19", "timm": "1.0.9", "open_clip_torch": "2.26",
     "einops": "0.8", "numpy": "1.26", "scipy": "1.11", "safetensors": "0.4.3",
     "matplotlib": "3.8", "seaborn": "0.13", "pandas": "2.0", "tqdm": "4.66", "pyyaml": "6.0",
-    "diffusers": "0.30", "transformers": "4.40", "tensorboard": "2.16",
+    "diffusers": "0.30", "transformers": "4.40", "tensorboard": "2.16", "imageio": "2.31",
+    "imageio-ffmpeg": "0.5",
 }
 PYTHON_RANGE = ((3, 10), (3, 14))  # >=3.10,<3.14
 

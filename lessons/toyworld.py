@@ -104,6 +104,7 @@ from lessons.toyworld1 import (
 )
 
 __all__ = [
+    "COURSE_WORLD",
     "DEFAULT_SIZE",
     "DOMAINS",
     "FAMILIES",
@@ -830,7 +831,11 @@ def _check_world(world: str) -> str:
     return world
 
 
-_CURRENT = [TOYWORLD_VERSION]
+#: The world the course's toy foundation models and lessons run in by default. World 2's toy
+#: models must pass their gates (``reprod.toy.gates``, docs/toyworld.md) before the course moves
+#: to it; until then the default stays world 1 and world 2 is one ``use_world("2.0")`` away.
+COURSE_WORLD = "1.0"
+_CURRENT = [COURSE_WORLD]
 
 
 def use_world(world: str) -> str:

@@ -29,9 +29,9 @@ def test_class_areas_rejects_bad_labels():
 def test_scene_captions_only_name_what_the_view_shows():
     for k in range(30):
         rng = np.random.default_rng([3, k])
-        scene = tw.draw_scene(rng, "random")
-        label, _ = tw.rasterize(scene)
-        style = tw.sample_style("random", rng)
+        scene = tw.draw_scene(rng, "web")
+        label = tw.rasterize(scene).label
+        style = tw.sample_style("web", rng)
         facts = cap.scene_facts(scene, label, style)
         text = cap.caption_scene(facts, np.random.default_rng(k))
         named = {c for c in CLASSES for word in cap.SYNONYMS[c] if f" {word}" in f" {text}"}
@@ -40,11 +40,27 @@ def test_scene_captions_only_name_what_the_view_shows():
         assert all(n <= 0 or c in facts.areas for c, n in facts.counts.items())
 
 
-def test_crop_captions_use_the_downstream_prompts():
+def test_region_captions_use_the_downstream_prompts_and_subtypes():
     rng = np.random.default_rng(0)
-    texts = {cap.caption_crop({"car": 0.8}, rng) for _ in range(200)}
+    texts = {cap.caption_region({"car": 0.8}, {}, rng) for _ in range(200)}
     assert "A photo of a car in the scene" in texts          # CAT-Seg's template
     assert "car" in texts                                    # tqdm / MFuser: the raw name
+    subtyped = {cap.caption_region({"bus": 0.8}, {"bus": "double"}, rng) for _ in range(200)}
+    assert any("double-decker" in t for t in subtyped) and "bus" in subtyped
+    several = cap.caption_region({"road": 0.5, "car": 0.3, "sky": 0.2}, {}, rng)
+    assert isinstance(several, str) and several
+
+
+def test_regions_are_boxes_inside_the_view_filled_by_their_first_class():
+    rng = np.random.default_rng([5, 1])
+    scene = tw.draw_scene(rng, "web")
+    label = tw.rasterize(scene).label
+    found = cap.regions(scene, label, rng, n=4)
+    assert 1 <= len(found) <= 4
+    for region in found:
+        top, left, h, w = region.box
+        assert 0 <= top and top + h <= label.shape[0] and 0 <= left and left + w <= label.shape[1]
+        assert region.caption
 
 
 def test_captioned_views_mix_crops_and_scenes_and_name_the_held_out_class():

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lessons import querydiff as qd
 from reprod.toy.diffusion import DiffusionConfig, DiffusionProbe, DiffusionRun, make_batch
+
+pytestmark = pytest.mark.usefixtures("in_world_2")   # the toy models are made in world 2
 
 TINY = dict(steps=3, batch_size=4, warmup_steps=1)
 
@@ -53,4 +56,5 @@ def test_probe_reads_all_hooked_layers_at_one_timestep():
     assert probe(x).shape == (2, 19, 16, 32)
     assert torch.equal(probe.features(x), probe.features(x))           # seeded noise
     assert not any(k.startswith("teacher") for k in probe.state_dict())
-    assert DiffusionProbe(teacher, "weak").features(x).shape == (2, 160, 16, 32)
+    channels = sum(qd.unet_channels()[layer] for layer in qd.TOY_FEATURE_LAYERS)   # 3 x 64
+    assert DiffusionProbe(teacher, "weak").features(x).shape == (2, channels, 16, 32)

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lessons import toyworld as tw
 from reprod.toy.vlm import VLMConfig, VLMRun, clip_loss, make_batch
+
+pytestmark = pytest.mark.usefixtures("in_world_2")   # the toy models are made in world 2
 
 TINY = dict(steps=3, batch_size=4, warmup_steps=1)
 
 
 def test_batches_are_deterministic_and_full_size():
     cfg = VLMConfig(batch_size=6)
-    a, caps_a = make_batch(2, cfg)
-    b, caps_b = make_batch(2, cfg)
-    assert torch.equal(a, b) and caps_a == caps_b
-    assert a.shape == (6, 3, *tw.DEFAULT_SIZE) and a.min() >= 0 and a.max() <= 1
-    assert make_batch(3, cfg)[1] != caps_a
+    a, b = make_batch(2, cfg), make_batch(2, cfg)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert torch.equal(a.boxes, b.boxes) and a.region_captions == b.region_captions
+    assert a.images.shape == (6, 3, *tw.DEFAULT_SIZE)
+    assert a.images.min() >= 0 and a.images.max() <= 1
+    assert make_batch(3, cfg).captions != a.captions
+    # regions: (view, top, left, height, width) boxes inside their view, one caption each
+    assert a.boxes.shape == (len(a.region_captions), 5) and len(a.region_captions) > 0
+    view, top, left, h, w = a.boxes.T
+    assert (view >= 0).all() and (view < 6).all()
+    assert (top >= 0).all() and (top + h <= tw.DEFAULT_SIZE[0]).all()
+    assert (left >= 0).all() and (left + w <= tw.DEFAULT_SIZE[1]).all()
 
 
 def test_equal_captions_are_positives_not_negatives():

@@ -10,6 +10,8 @@ from lessons.backbones import build_encoder
 from lessons.probe import LinearProbe
 from reprod.toy import gates
 
+pytestmark = pytest.mark.usefixtures("in_world_2")   # the toy models are made in world 2
+
 
 def test_probe_shapes_and_only_the_head_trains():
     torch.manual_seed(0)

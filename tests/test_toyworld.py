@@ -49,6 +49,15 @@ GOLDEN: dict[tuple, str] = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def world_2():
+    """These tests are about world 2, whatever the course's default (``COURSE_WORLD``); yields
+    that default."""
+    previous = tw.use_world("2.0")
+    yield previous
+    tw.use_world(previous)
+
+
 def _golden_keys() -> list[tuple]:
     keys: list[tuple] = [("synthetic", "train", 0), ("synthetic", "train", 1999),
                          ("synthetic", "test", 0)]
@@ -274,7 +283,9 @@ def test_protocol_and_domains():
     assert "world='1.0'" in repr(sets["fog"]) and "world" not in repr(tw.ToyWorld("fog"))
 
 
-def test_use_world_sets_the_default_and_returns_the_previous_one():
+def test_use_world_sets_the_default_and_returns_the_previous_one(world_2):
+    # the course stays in world 1 until world 2's toy models have passed their gates
+    assert world_2 == tw.COURSE_WORLD == "1.0"
     assert tw.current_world() == "2.0"
     previous = tw.use_world("1.0")
     try:
@@ -312,6 +323,7 @@ def test_errors():
 
 if __name__ == "__main__":
     if "--regen" in sys.argv[1:]:
+        tw.use_world(tw.TOYWORLD_VERSION)
         print(f"GOLDEN_VERSION = {_literal(tw.TOYWORLD_VERSION)}")
         print("GOLDEN: dict[tuple, str] = {")
         for key in _golden_keys():

@@ -1168,7 +1168,7 @@ def _load_manifest(root: Path, dataset: str) -> dict:
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty and holds no {MANIFEST}: refusing to write "
                               "ToyWorld scenes into what may be a real dataset tree")
-    return {"dataset": dataset, "toyworld_version": tw.TOYWORLD_VERSION, "parts": {},
+    return {"dataset": dataset, "toyworld_version": tw.current_world(), "parts": {},
             "sha256": {}}
 
 

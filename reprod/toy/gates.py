@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"where to write the JSON (default: {GATES_FILE}, merged with what is "
                          "there; never for --small)")
     args = ap.parse_args(argv)
+    tw.use_world(tw.TOYWORLD_VERSION)  # the gates measure world 2, whatever the course's default
     measured = measure(args.gates, args.small, args.weights)
     for line in gate_lines(measured["gates"]):
         print(line)

@@ -662,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     args = ap.parse_args(argv)
+    tw.use_world(tw.TOYWORLD_VERSION)  # the toy models are made for the newest world
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or RUN_DIR / args.model
