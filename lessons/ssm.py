@@ -45,6 +45,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "IMPLS",
     "INSTALL_HINT",
+    "SCAN_SHAPES",
     "Mamba",
     "RMSNormGated",
     "available_impls",
@@ -58,6 +59,7 @@ __all__ = [
     "rms_norm_gated",
     "s4d_real_A_log",
     "scan_fast_core",
+    "scan_inputs",
     "scan_ref_core",
     "selective_scan",
     "selective_scan_fast",
@@ -392,6 +394,32 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     """:func:`selective_scan` with ``impl="fast"``: the chunked pure-PyTorch scan."""
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                           impl="fast", chunk_size=chunk_size)
+
+
+SCAN_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "issue": (2, 512, 2048, 16),
+    "mvfuser_toy": (16, 96, 262, 16),
+    "mvfuser_full": (2, 512, 2050, 16),
+}
+"""(batch, D, L, N) of the scans the course times: a long scan, one toy MVFuser (96 channels over
+the toy VFM + VLM tokens) and one real-scale MVFuser (512 channels over ~2,050 tokens)."""
+
+
+def scan_inputs(batch: int, dim: int, length: int, n: int, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random inputs of :func:`selective_scan` in the ranges a trained Mamba sees, and an upstream
+    gradient: u (B, D, L), Δ = softplus(· − 2) around 0.1, A = −exp(·) in −1 .. −20 (D, N),
+    B and C (B, N, L), D (D,), grad (B, D, L)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "u": torch.randn(batch, dim, length, generator=g, dtype=dtype),
+        "delta": F.softplus(torch.randn(batch, dim, length, generator=g, dtype=dtype) - 2.0),
+        "A": -torch.exp(torch.rand(dim, n, generator=g, dtype=dtype) * 3.0),   # -1 .. -20
+        "B": torch.randn(batch, n, length, generator=g, dtype=dtype),
+        "C": torch.randn(batch, n, length, generator=g, dtype=dtype),
+        "D": torch.randn(dim, generator=g, dtype=dtype),
+        "grad": torch.randn(batch, dim, length, generator=g, dtype=dtype),
+    }
 
 
 # ------------------------------------------------------------------------------------------------

@@ -223,7 +223,8 @@ def detect(out: Path) -> dict:
 
 
 def _scan(x: dict, impl: str, grad: bool):
-    """One selective scan of inputs ``x`` (``make_inputs``) with ``impl``, and its backward."""
+    """One selective scan of inputs ``x`` (``lessons.ssm.scan_inputs``) with ``impl``, and its
+    backward."""
     import torch
 
     from lessons.ssm import selective_scan
@@ -258,15 +259,14 @@ def scan_benchmark(out: Path, repeats: int = 10) -> list[dict]:
     the GPU: medians of forward and forward + backward, and the forward's max difference."""
     import torch
 
-    from lessons.ssm import available_impls
-    from reprod.course.bench_scan import SHAPES, make_inputs
+    from lessons.ssm import SCAN_SHAPES, available_impls, scan_inputs
 
     device = torch.device("cuda")
     impls = [i for i in ("fast", "cuda") if i in available_impls(device)]
     rows = []
     for name in ("issue", "mvfuser_full", "mvfuser_toy"):
-        x = {k: v.to(device) for k, v in make_inputs(*SHAPES[name]).items()}
-        row: dict = {"shape": name, "BDLN": SHAPES[name]}
+        x = {k: v.to(device) for k, v in scan_inputs(*SCAN_SHAPES[name]).items()}
+        row: dict = {"shape": name, "BDLN": SCAN_SHAPES[name]}
         for impl in impls:
             for mode, grad in (("forward", False), ("forward+backward", True)):
                 row[f"{impl}_{mode}_ms"] = _median_ms(lambda i=impl, g=grad, x=x: _scan(x, i, g),

@@ -22,18 +22,19 @@ from lessons.ssm import (
     Mamba,
     RMSNormGated,
     rms_norm_gated,
+    scan_inputs,
     selective_scan,
     selective_scan_fast,
     selective_scan_ref,
 )
-from reprod.course.bench_scan import make_inputs, mambapy_scan, to_mambapy_layout
+from reprod.course.bench_scan import mambapy_scan, to_mambapy_layout
 
 KW = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def full_inputs(batch=2, dim=6, length=37, n=4, dtype=torch.float64, seed=0):
     """Every argument of the scan, in a trained Mamba's range, as leaves that need grads."""
-    x = make_inputs(batch, dim, length, n, seed=seed, dtype=dtype)
+    x = scan_inputs(batch, dim, length, n, seed=seed, dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
     x["z"] = torch.randn(batch, dim, length, generator=g, dtype=dtype)
     x["delta_bias"] = 0.1 * torch.randn(dim, generator=g, dtype=dtype)
@@ -82,7 +83,7 @@ def test_reference_keeps_float64_and_matches_mambapy_sequential():
     """Against an independent implementation: mambapy's sequential selective scan."""
     from mambapy.mamba import MambaBlock
 
-    x = make_inputs(2, 5, 19, 3, dtype=torch.float64)
+    x = scan_inputs(2, 5, 19, 3, dtype=torch.float64)
     y = selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"])
     assert y.dtype == torch.float64
     xp = to_mambapy_layout(x)
@@ -93,7 +94,7 @@ def test_reference_keeps_float64_and_matches_mambapy_sequential():
 
 
 def test_fast_matches_mambapy_pscan_in_float32():
-    x = make_inputs(2, 16, 100, 8)
+    x = scan_inputs(2, 16, 100, 8)
     y = selective_scan_fast(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"])
     peer = mambapy_scan(to_mambapy_layout(x)).transpose(1, 2)
     torch.testing.assert_close(y, peer, rtol=0, atol=1e-4)
@@ -145,7 +146,7 @@ def test_bfloat16_inputs_run_in_float32_and_return_bfloat16():
 
 
 def test_fast_scan_without_optional_terms_and_without_grads():
-    x = make_inputs(1, 4, 10, 2)
+    x = scan_inputs(1, 4, 10, 2)
     y = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"])
     y_r = selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"])
     torch.testing.assert_close(y, y_r, rtol=0, atol=1e-5)
@@ -170,7 +171,7 @@ def test_default_chunk_size_targets_a_cache_sized_buffer():
 def test_auto_picks_fast_on_cpu_and_cuda_is_refused_there():
     assert ssm.resolve_impl("auto", torch.device("cpu")) == "fast"
     assert "cuda" not in ssm.available_impls("cpu")
-    x = make_inputs(1, 2, 3, 2)
+    x = scan_inputs(1, 2, 3, 2)
     args = [x[k] for k in ("u", "delta", "A", "B", "C")]
     with pytest.raises(ValueError, match="CUDA tensors"):
         selective_scan(*args, impl="cuda")
@@ -198,7 +199,7 @@ def test_bad_input_is_a_clear_error(change, message):
 
 
 def test_integer_inputs_are_refused():
-    x = make_inputs(1, 2, 3, 2)
+    x = scan_inputs(1, 2, 3, 2)
     with pytest.raises(TypeError, match="floating-point"):
         selective_scan(x["u"].long(), x["delta"], x["A"], x["B"], x["C"])
 

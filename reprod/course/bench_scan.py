@@ -30,19 +30,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lessons.ssm import default_chunk_size, selective_scan
+from lessons.ssm import SCAN_SHAPES, default_chunk_size, scan_inputs, selective_scan
 from lessons.utils import hardware, set_threads
 
 __all__ = [
-    "SHAPES",
     "TARGETS",
     "accuracy",
     "bench_shape",
     "forward_backward",
     "main",
-    "make_inputs",
     "mambapy_scan",
     "median_ms",
     "ours",
@@ -50,27 +47,7 @@ __all__ = [
     "to_mambapy_layout",
 ]
 
-SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "issue": (2, 512, 2048, 16),
-    "mvfuser_toy": (16, 96, 262, 16),
-    "mvfuser_full": (2, 512, 2050, 16),
-}
 TARGETS = {"forward": 4.0, "forward+backward": 3.0}   # the issue's minimum speed-ups over mambapy
-
-
-def make_inputs(batch: int, dim: int, length: int, n: int, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Inputs in the range a trained Mamba sees: Δ = softplus(·) around 0.1, A = −exp(A_log)."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "u": torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        "delta": F.softplus(torch.randn(batch, dim, length, generator=g, dtype=dtype) - 2.0),
-        "A": -torch.exp(torch.rand(dim, n, generator=g, dtype=dtype) * 3.0),   # −1 .. −20
-        "B": torch.randn(batch, n, length, generator=g, dtype=dtype),
-        "C": torch.randn(batch, n, length, generator=g, dtype=dtype),
-        "D": torch.randn(dim, generator=g, dtype=dtype),
-        "grad": torch.randn(batch, dim, length, generator=g, dtype=dtype),
-    }
 
 
 def ours(x: dict, impl: str = "fast", chunk_size: int | None = None) -> torch.Tensor:
@@ -124,8 +101,8 @@ def accuracy(x: dict, chunk_size: int | None) -> dict[str, float]:
 
 
 def bench_shape(name: str, repeats: int, chunk_size: int | None, check: bool) -> dict:
-    batch, dim, length, n = SHAPES[name]
-    x = make_inputs(batch, dim, length, n)
+    batch, dim, length, n = SCAN_SHAPES[name]
+    x = scan_inputs(batch, dim, length, n)
     xp = to_mambapy_layout(x)
     row = {"shape": name, "batch": batch, "D": dim, "L": length, "N": n,
            "chunk": chunk_size or default_chunk_size(batch, dim, n)}
@@ -157,7 +134,8 @@ def print_row(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SCAN_SHAPES),
+                    default=list(SCAN_SHAPES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[None],
