@@ -77,3 +77,40 @@ def test_the_gates_run_end_to_end_small(tmp_path):
     """The whole measurement at smoke size on random weights: every gate gets a verdict."""
     measured = gates.measure(gates=("G3",), small=True, weights=tmp_path)
     assert set(measured["gates"]) == {"G3"} and measured["small"]
+
+
+def test_a_try_is_recorded_once_with_its_run_and_never_from_a_smoke_run(tmp_path):
+    measured = gates.measure(gates=("G3",), small=True, weights=tmp_path)
+    with pytest.raises(ValueError, match="smoke test, not a try"):
+        gates.record_try(measured, "t", "smoke", tries_file=tmp_path / "tries.json")
+    measured["small"] = False
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"cfg": {"steps": 2}, "step": 2, "seconds": 90.0, "trained_on": "a CPU"},
+               run / "vfm_state.pt")
+    entry = gates.record_try(measured, "t", "a try", run, tries_file=tmp_path / "tries.json")
+    assert entry["pretraining"] == {"config": {"steps": 2}, "steps_done": 2, "minutes": 1.5,
+                                    "hardware": "a CPU"}
+    with pytest.raises(ValueError, match="never replaced"):
+        gates.record_try(measured, "t", "again", tries_file=tmp_path / "tries.json")
+    table = gates.tries_table({"tries": [entry]})
+    assert "| t: a try | 2 steps, 2 min on a CPU | not measured | not measured |" in table
+
+
+def test_the_docs_show_the_recorded_tries_and_the_figures_their_prose_quotes():
+    import json
+
+    tries = json.loads(gates.TRIES_FILE.read_text())
+    doc = (gates.TRIES_FILE.parents[1] / "toyworld.md").read_text()
+    assert gates.tries_table(tries) in doc, "re-run python -m reprod.toy.gates --tries-table"
+    assert gates.domains_table(tries["tries"][-1]) in doc
+    # the prose: G3's drop, G2's margins "about 10", G1's "8 to 9", the ceiling "about 26"
+    g = [t["gates"] for t in tries["tries"]]
+    assert f"loses {g[-1]['G3']['drop']:.1f} points" in doc
+    assert all(round(x["G2"]["margin"]) == 10 and 8 <= x["G1"]["margin"] <= 9 for x in g)
+    assert all(round(x["G2"]["own_labels_targets"]) == 26 for x in g)
+    assert not any(x[k]["passed"] for x in g for k in ("G1", "G2"))   # "falls short"
+    probes = tries["tries"][-1]["results"]["probes"]
+    source = 100 * (probes["frozen toy VFM + linear"]["synthetic"]
+                    - probes["random-init ViT + linear"]["synthetic"])
+    assert round(source) == 12 and "12\non the source" in doc

@@ -4,6 +4,9 @@ papers rely on? Measured before any method of the course runs on the world.
     python -m reprod.toy.gates                     # every gate, printed, written to GATES_FILE
     python -m reprod.toy.gates --gates G1 G2       # some of them
     python -m reprod.toy.gates --small             # a few-minute version (numbers not recorded)
+    python -m reprod.toy.gates --record-try NAME --from FILE --run-dir DIR --describe TEXT
+                                                   # add one honest try to TRIES_FILE
+    python -m reprod.toy.gates --tries-table       # the tries as docs/toyworld.md shows them
 
 The gates are fixed in advance (the issue "ToyWorld 2") and never moved to fit a result:
 
@@ -30,6 +33,9 @@ The gates are fixed in advance (the issue "ToyWorld 2") and never moved to fit a
 
 mIoU is measured on 200 ``test`` scenes per domain at 64x128; "targets' mean" is the mean over
 the eight targets of ``TOY_BENCHMARK``. Each model card quotes its gates from ``GATES_FILE``.
+Every full measurement of a candidate model is kept, passed or not, in ``TRIES_FILE`` (the
+pretraining config and time of the run that made it beside the figures), so a failed try is
+published rather than replaced.
 """
 
 from __future__ import annotations
@@ -54,12 +60,13 @@ from lessons.train import TrainConfig, evaluate, evaluate_domains, train
 from lessons.utils import seed_everything
 
 __all__ = [
-    "GATES", "GATES_FILE", "THRESHOLDS", "check_probes", "check_scratch", "check_teacher",
-    "check_vlm", "gate_lines", "invariance", "main", "measure", "probe_results", "probe_table",
-    "scratch_results", "teacher_results", "vlm_results",
+    "GATES", "GATES_FILE", "THRESHOLDS", "TRIES_FILE", "check_probes", "check_scratch", "check_teacher",
+    "check_vlm", "domains_table", "gate_lines", "invariance", "main", "measure", "probe_results", "probe_table",
+    "record_try", "scratch_results", "teacher_results", "tries_table", "vlm_results",
 ]
 
 GATES_FILE = WEIGHTS_DIR / "gates.json"
+TRIES_FILE = Path(__file__).resolve().parents[2] / "docs" / "results" / "toyworld2_gates.json"
 GATES = ("G1", "G2", "G3", "G4", "G5")
 THRESHOLDS = {"G1": 10.0, "G2": 15.0, "G3": 20.0, "G4_source": 10.0, "G4_targets": 5.0,
               "G4_crops": 80.0, "G4_held_out": 10.0}
@@ -291,6 +298,76 @@ def gate_lines(verdicts: dict) -> list[str]:
     return out
 
 
+def record_try(measured: dict, name: str, describe: str, run_dir: Path | None = None,
+               tries_file: Path = TRIES_FILE) -> dict:
+    """Append one full (not ``--small``) gate measurement to ``tries_file`` as try ``name``,
+    with the pretraining config, steps and minutes of the run in ``run_dir`` (its state file)."""
+    if measured.get("small"):
+        raise ValueError("a --small measurement is a smoke test, not a try: measure in full")
+    entry: dict = {"name": name, "describe": describe, "gates": measured["gates"],
+                   "results": measured["results"], "seconds": measured.get("seconds", {}),
+                   "weights": measured.get("weights", {}),
+                   "toyworld_version": measured["toyworld_version"]}
+    if run_dir is not None:
+        states = sorted(Path(run_dir).glob("*_state.pt"))
+        if len(states) != 1:
+            raise FileNotFoundError(f"{run_dir} holds {len(states)} *_state.pt files, needs one")
+        state = torch.load(states[0], map_location="cpu", weights_only=True)
+        entry["pretraining"] = {"config": state["cfg"], "steps_done": int(state["step"]),
+                                "minutes": round(float(state["seconds"]) / 60, 1),
+                                "hardware": state["trained_on"]}
+    tries = json.loads(tries_file.read_text()) if tries_file.is_file() else {"tries": []}
+    if any(t["name"] == name for t in tries["tries"]):
+        raise ValueError(f"{tries_file} already holds a try named {name!r}; tries are never "
+                         "replaced, give this one a new name")
+    tries["tries"].append(entry)
+    tries_file.parent.mkdir(parents=True, exist_ok=True)
+    tries_file.write_text(json.dumps(tries, indent=1) + "\n")
+    return entry
+
+
+def _cell(v: dict | None, keys: tuple[str, str, str]) -> str:
+    if v is None:
+        return "not measured"
+    a, b, margin = (v[k] for k in keys)
+    return f"{a:.1f} / {b:.1f} / **{margin:+.1f}** {'✓' if v['passed'] else '✗'}"
+
+
+def tries_table(tries: dict) -> str:
+    """The tries as a markdown table: per gate, its two figures and their margin (✓ passed)."""
+    needs = {g: THRESHOLDS.get(g) for g in ("G1", "G2", "G3")}
+    rows = ["| try | pretraining | G1 VFM / random-init / margin (≥ +{}) | G2 own labels / source "
+            "/ margin (≥ +{}) | G3 source / targets / drop (≥ {}) |".format(
+                *(needs[g] for g in ("G1", "G2", "G3"))),
+            "|---|---|---|---|---|"]
+    for t in tries["tries"]:
+        pre = t.get("pretraining")
+        when = (f"{pre['steps_done']:,} steps, {pre['minutes']:.0f} min on {pre['hardware']}"
+                if pre else "")
+        g = t["gates"]
+        g3 = g.get("G3")
+        g3_cell = ("not measured" if g3 is None else
+                   f"{g3['source']:.1f} / {g3['targets']:.1f} / **{g3['drop']:.1f}** "
+                   f"{'✓' if g3['passed'] else '✗'}")
+        rows.append(f"| {t['name']}: {t['describe']} | {when} | "
+                    f"{_cell(g.get('G1'), ('vfm_targets', 'random_init_targets', 'margin'))} | "
+                    f"{_cell(g.get('G2'), ('own_labels_targets', 'source_trained_targets', 'margin'))}"
+                    f" | {g3_cell} |")
+    return "\n".join(rows)
+
+
+def domains_table(entry: dict) -> str:
+    """One try's G1 / G2 / G3 rows per domain (mIoU %), as docs/toyworld.md shows them."""
+    rows = {**entry["results"].get("probes", {}), **entry["results"].get("scratch", {})}
+    domains = [tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS]
+    out = [f"| {entry['name']} | {' | '.join(domains)} | targets' mean |",
+           "|---" * (len(domains) + 2) + "|"]
+    for name, r in rows.items():
+        cells = [f"{100 * r[d]:.1f}" if d in r else "" for d in domains]
+        out.append(f"| {name} | {' | '.join(cells)} | {_targets_mean(r):.1f} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", nargs="+", choices=GATES, default=list(GATES))
@@ -300,7 +377,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help=f"where to write the JSON (default: {GATES_FILE}, merged with what is "
                          "there; never for --small)")
+    ap.add_argument("--record-try", metavar="NAME", default=None,
+                    help="record the measurement in --from FILE as a try in TRIES_FILE (no "
+                         "measuring)")
+    ap.add_argument("--from", dest="from_file", type=Path, default=None,
+                    help="with --record-try: a JSON this command wrote")
+    ap.add_argument("--run-dir", type=Path, default=None,
+                    help="with --record-try: the pretraining run that made the weights")
+    ap.add_argument("--describe", default="", help="with --record-try: what this try changed")
+    ap.add_argument("--tries-table", action="store_true", help="print the tries' table and stop")
     args = ap.parse_args(argv)
+    if args.tries_table:
+        if not TRIES_FILE.is_file():
+            raise SystemExit(f"error: no tries recorded yet ({TRIES_FILE} does not exist)")
+        tries = json.loads(TRIES_FILE.read_text())
+        print(tries_table(tries), domains_table(tries["tries"][-1]), sep="\n\n")
+        return 0
+    if args.record_try:
+        if args.from_file is None or not args.from_file.is_file():
+            raise SystemExit("error: --record-try needs --from FILE, a JSON this command wrote")
+        entry = record_try(json.loads(args.from_file.read_text()), args.record_try,
+                           args.describe, args.run_dir)
+        print(f"recorded try {entry['name']!r} in {TRIES_FILE}")
+        return 0
     tw.use_world(tw.TOYWORLD_VERSION)  # the gates measure world 2, whatever the course's default
     measured = measure(args.gates, args.small, args.weights)
     for line in gate_lines(measured["gates"]):
