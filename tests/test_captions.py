@@ -59,7 +59,7 @@ def test_regions_are_boxes_inside_the_view_filled_by_their_first_class():
     assert 1 <= len(found) <= 4
     for region in found:
         top, left, h, w = region.box
-        assert 0 <= top and top + h <= label.shape[0] and 0 <= left and left + w <= label.shape[1]
+        assert top >= 0 and top + h <= label.shape[0] and left >= 0 and left + w <= label.shape[1]
         assert region.caption
 
 

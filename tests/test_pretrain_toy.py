@@ -45,9 +45,10 @@ def test_batches_are_deterministic_per_step():
 
 
 def test_correspondence_finds_the_same_scene_point_in_the_other_crop():
-    """With one style for both views and no colour jitter, the other view sampled at the corresponding patch centres
-    reproduces this view's patch colours; a shuffled pairing does not."""
-    cfg = VFMConfig(batch_size=8, p_same_style=1.0, jitter=False)   # geometry only
+    """With one style for both views and no colour jitter, the other view sampled at the
+    corresponding patch centres reproduces this view's patch colours; a shuffled pairing does
+    not."""
+    cfg = VFMConfig(batch_size=8, p_same_style=1.0, jitter=False)
     a, b, box_a, box_b = make_batch(3, cfg)
     pa = torch.nn.functional.avg_pool2d(a, 8).flatten(2).transpose(1, 2)     # (B, P, 3)
     pb = torch.nn.functional.avg_pool2d(b, 8).flatten(2).transpose(1, 2)

@@ -60,9 +60,10 @@ from lessons.train import TrainConfig, evaluate, evaluate_domains, train
 from lessons.utils import seed_everything
 
 __all__ = [
-    "GATES", "GATES_FILE", "THRESHOLDS", "TRIES_FILE", "check_probes", "check_scratch", "check_teacher",
-    "check_vlm", "domains_table", "gate_lines", "invariance", "main", "measure", "probe_results", "probe_table",
-    "record_try", "scratch_results", "teacher_results", "tries_table", "vlm_results",
+    "GATES", "GATES_FILE", "THRESHOLDS", "TRIES_FILE", "check_probes", "check_scratch",
+    "check_teacher", "check_vlm", "domains_table", "gate_lines", "invariance", "main", "measure",
+    "probe_results", "probe_table", "record_try", "scratch_results", "teacher_results",
+    "tries_table", "vlm_results",
 ]
 
 GATES_FILE = WEIGHTS_DIR / "gates.json"
@@ -349,10 +350,9 @@ def tries_table(tries: dict) -> str:
         g3_cell = ("not measured" if g3 is None else
                    f"{g3['source']:.1f} / {g3['targets']:.1f} / **{g3['drop']:.1f}** "
                    f"{'✓' if g3['passed'] else '✗'}")
-        rows.append(f"| {t['name']}: {t['describe']} | {when} | "
-                    f"{_cell(g.get('G1'), ('vfm_targets', 'random_init_targets', 'margin'))} | "
-                    f"{_cell(g.get('G2'), ('own_labels_targets', 'source_trained_targets', 'margin'))}"
-                    f" | {g3_cell} |")
+        g1 = _cell(g.get("G1"), ("vfm_targets", "random_init_targets", "margin"))
+        g2 = _cell(g.get("G2"), ("own_labels_targets", "source_trained_targets", "margin"))
+        rows.append(f"| {t['name']}: {t['describe']} | {when} | {g1} | {g2} | {g3_cell} |")
     return "\n".join(rows)
 
 
