@@ -162,7 +162,7 @@ def train_config(method: str, seed: int, steps: int | None = None) -> TrainConfi
 
 
 def protocol(test_length: int) -> dict:
-    return {**tw.TOY_BENCHMARK, "test_length": test_length,
+    return {**tw.toy_benchmark(), "test_length": test_length,
             "targets": (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)}
 
 

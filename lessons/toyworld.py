@@ -139,6 +139,7 @@ __all__ = [
     "sample_style",
     "scene_seed",
     "stylize",
+    "toy_benchmark",
     "use_world",
 ]
 
@@ -945,10 +946,17 @@ class ToyWorld(Dataset):
                 f"length={self.length}, seed={self.seed}{extra})")
 
 
+def toy_benchmark(world: str | None = None) -> dict:
+    """The toy benchmark protocol of a ToyWorld version (default: the current world's): world 2's
+    ``TOY_BENCHMARK`` (seeds 0-4) or world 1's (seeds 0-2)."""
+    return TOY_BENCHMARK if _check_world(world or current_world()) == TOYWORLD_VERSION \
+        else w1.TOY_BENCHMARK
+
+
 def benchmark_datasets(seed: int = 0, protocol: dict | None = None,
                        world: str | None = None) -> dict[str, ToyWorld]:
     """The toy benchmark's datasets: ``train`` (source), ``val`` (validation style), targets."""
-    p = protocol or TOY_BENCHMARK
+    p = protocol or toy_benchmark(world)
 
     def ds(domain, split, size, length):
         return ToyWorld(domain, split, size, length, seed, world)

@@ -55,6 +55,7 @@ VISION_PARAMS = {
     "eva02_clip_l14_336": 304_105_152 + (24**2 - 16**2) * 1024,
     "siglip_vitl16_384": 316_283_904,
     "toy_vfm": 2_734_464,                          # measured: the course's own configs
+    "toy_vfm_invariant": 2_734_464,                # the same ViT, another pretraining
     "toy_vlm": 2_756_352,
 }
 
@@ -167,7 +168,7 @@ def test_meta_parameter_counts_and_shapes(name: str) -> None:
     assert enc._patch_conv().out_channels == b.width
     assert enc._pos_grid() == b.grid
     expected_prefix = (0 if "siglip" in name else 1) + (4 if name.endswith("_reg") or
-                                                        name == "toy_vfm" else 0)
+                                                        name.startswith("toy_vfm") else 0)
     assert enc.num_prefix_tokens == expected_prefix
     assert enc.is_eva == name.startswith("eva02")
     if b.kind == "vlm":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 
-from lessons.backbones import build_encoder
+from lessons.backbones import build_encoder, toy_weights_dir
 from lessons.catseg import (
     CATSEG_B,
     CATSEG_L,
@@ -210,7 +210,7 @@ def test_class_residual_forms() -> None:
 
 def test_splitting_qkv_changes_no_output() -> None:
     torch.manual_seed(0)
-    enc = build_encoder("toy_vlm", "lessons/weights")
+    enc = build_encoder("toy_vlm", toy_weights_dir())
     images = torch.rand(2, 3, 64, 128)
     tokens = torch.randint(1, 1000, (3, 32))
     with torch.no_grad():
@@ -223,7 +223,7 @@ def test_splitting_qkv_changes_no_output() -> None:
 
 
 def test_fused_to_split_converter_covers_every_key() -> None:
-    fused = build_encoder("toy_vlm", "lessons/weights").model
+    fused = build_encoder("toy_vlm", toy_weights_dir()).model
     split = build_encoder("toy_vlm").model
     split_attention_qkv(split)
     converted = split_qkv_state_dict(fused.state_dict())

@@ -72,11 +72,17 @@ def test_committed_checkpoint_headers_stay_valid(path):
     ck.check_builder_kwargs(meta["builder"], meta["builder_kwargs"])
 
 
-def test_a_committed_checkpoint_still_loads(monkeypatch):
+def test_a_committed_checkpoint_still_loads_in_its_own_world():
+    from lessons import toyworld as tw
+
     path = ck.CHECKPOINT_DIR / "02_rein/frozen_seed0.safetensors"
-    monkeypatch.setattr(ck, "TOYWORLD_VERSION", ck.read_metadata(path)["toyworld_version"])
-    model, meta = ck.load_lesson_checkpoint(path)      # (the ToyWorld check is not tested here)
+    previous = tw.use_world("2.0")               # whatever the default, it loads in its world
+    try:
+        model, meta = ck.load_lesson_checkpoint(path)
+    finally:
+        tw.use_world(previous)
     assert meta["builder"] == "lessons.segmentor:build_toy_segmentor" and not model.training
+    assert meta["toyworld_version"] == "1.0" and tw.current_world() == previous
 
 
 def test_the_toy_sweep_builds_through_the_registry():

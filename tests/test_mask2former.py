@@ -35,7 +35,7 @@ from lessons.mask2former import (
     semantic_targets,
     slide_inference,
 )
-from lessons.toyworld import TOYWORLD_VERSION
+from lessons.toyworld import current_world
 
 torch.manual_seed(0)
 
@@ -434,7 +434,7 @@ def test_checkpoint_round_trip_keeps_frozen_parts_out(tqdm_model, tmp_path):
     assert "prompts.contexts" in state
     assert set(state) <= trainable_keys(m)
     meta = {"builder": "lessons.mask2former:build_toy_tqdm", "builder_kwargs": {},
-            "toyworld_version": TOYWORLD_VERSION, "lessons_digest": "0" * 16, "method": "tqdm",
+            "toyworld_version": current_world(), "lessons_digest": "0" * 16, "method": "tqdm",
             "seed": 0}
     path = save_lesson_checkpoint(tmp_path / "t.safetensors", state, meta)
     loaded, _ = load_lesson_checkpoint(path)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lessons import querydiff as qd
 from lessons.checkpoints import build_model, load_lesson_checkpoint, save_lesson_checkpoint
-from lessons.toyworld import TOYWORLD_VERSION
+from lessons.toyworld import current_world
 from lessons.utils import count_parameters
 
 
@@ -18,8 +18,7 @@ def teacher():
     """The toy teacher's architecture with random weights (the tests do not need the trained
     ones; ``test_toy_weights`` covers the committed file)."""
     torch.manual_seed(0)
-    return qd.DiffusionTeacher(qd.build_toy_unet(None), qd.toy_scheduler(), qd.toy_timesteps(),
-                               qd.TOY_FEATURE_LAYERS, image_size=qd.TOY_IMAGE_SIZE)
+    return qd.DiffusionTeacher.toy(None)          # random weights, the current world's U-Net
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +97,11 @@ def test_teacher_rejects_bad_input(teacher):
 
 
 def test_toy_unet_weights_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrain_toy diffusion"):
+    with pytest.raises(FileNotFoundError, match="reprod.toy.pretrain diffusion"):
         qd.build_toy_unet(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable toy U-Net"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         qd.build_toy_unet(bad)
 
 
@@ -344,7 +343,7 @@ def test_checkpoint_round_trip(tmp_path, teacher, batch):
     torch.manual_seed(0)
     m = build_model("lessons.querydiff:build_toy_querydiff", kwargs).eval()
     meta = {"builder": "lessons.querydiff:build_toy_querydiff", "builder_kwargs": kwargs,
-            "toyworld_version": TOYWORLD_VERSION, "lessons_digest": "0" * 16,
+            "toyworld_version": current_world(), "lessons_digest": "0" * 16,
             "method": "querydiff", "seed": 0}
     state = m.trainable_state_dict()
     assert not any("unet" in k for k in state)

@@ -17,7 +17,7 @@ from lessons.checkpoints import (
     save_lesson_checkpoint,
 )
 from lessons.segmentor import LevelHead, Segmentor, build_toy_segmentor
-from lessons.toyworld import TOYWORLD_VERSION
+from lessons.toyworld import current_world
 from lessons.train import TrainConfig, make_optimizer
 from lessons.utils import count_parameters
 
@@ -98,7 +98,7 @@ def test_unknown_method_is_named():
 # --- lesson checkpoints ------------------------------------------------------------------------
 def _meta(**kw) -> dict:
     return {"builder": BUILDER, "builder_kwargs": {"method": "rein", "pretrained": False},
-            "toyworld_version": TOYWORLD_VERSION, "lessons_digest": "0" * 16,
+            "toyworld_version": current_world(), "lessons_digest": "0" * 16,
             "method": "rein", "seed": 0, **kw}
 
 
@@ -109,7 +109,7 @@ def test_checkpoint_round_trip_in_fp16(tmp_path):
     path = save_lesson_checkpoint(tmp_path / "rein.safetensors", model.trainable_state_dict(),
                                   _meta(val_miou=0.25, train_config={"steps": 3}))
     meta = read_metadata(path)
-    assert meta["toyworld_version"] == TOYWORLD_VERSION and meta["val_miou"] == 0.25
+    assert meta["toyworld_version"] == current_world() and meta["val_miou"] == 0.25
     assert meta["train_config"] == {"steps": 3} and meta["seed"] == 0
     torch.manual_seed(0)                  # the same random encoder (pretrained=False) as `model`
     loaded, _ = load_lesson_checkpoint(path)
@@ -127,7 +127,7 @@ def test_checkpoint_header_problems_are_named(tmp_path):
         save_lesson_checkpoint(tmp_path / "x.safetensors", sd, {"method": "frozen"})
     old = save_lesson_checkpoint(tmp_path / "old.safetensors", sd,
                                  _meta(toyworld_version="0.9"))
-    with pytest.raises(ValueError, match="ToyWorld 0.9"):
+    with pytest.raises(ValueError, match="ToyWorld '0.9', which this code does not know"):
         load_lesson_checkpoint(old)
     with pytest.raises(FileNotFoundError, match="reprod.toy.sweep"):
         load_lesson_checkpoint(tmp_path / "missing.safetensors")

@@ -32,7 +32,7 @@ def test_a_tiny_sweep_writes_checkpoints_and_results_and_resumes(tmp_path, capsy
     assert set(rec["class_iou"]) == set(rec["miou"])               # per-class IoU, absent: None
     assert all(len(v) == 19 and all(x is None or 0 <= x <= 1 for x in v)
                for v in rec["class_iou"].values())
-    assert rec["train_config"]["steps"] == 2 and rec["toyworld_version"] == tw.TOYWORLD_VERSION
+    assert rec["train_config"]["steps"] == 2 and rec["toyworld_version"] == tw.current_world()
     assert rec["checkpoint"] == "rein_seed0.safetensors"
     assert results["runs"]["rein/seed1"]["checkpoint"] is None
     ckpt = tmp_path / "02_rein" / "rein_seed0.safetensors"
@@ -90,10 +90,10 @@ COMMITTED = sorted(CHECKPOINT_DIR.glob("*/*.safetensors"))
 def test_every_method_has_results_for_every_benchmark_seed():
     runs = load_results()["runs"]
     for method, spec in METHODS.items():
-        for seed in spec.seeds or tw.TOY_BENCHMARK["seeds"]:
+        for seed in spec.seeds or tw.toy_benchmark()["seeds"]:
             rec = runs.get(f"{method}/seed{seed}")
             assert rec is not None, f"{method}/seed{seed} missing: run python -m reprod.toy.sweep"
-            assert rec["toyworld_version"] == tw.TOYWORLD_VERSION
+            assert rec["toyworld_version"] == tw.current_world()
             # the same budget for every method, up to its own recipe (e.g. CAT-Seg's clipping)
             assert rec["train_config"] == (runs["frozen/seed0"]["train_config"] | spec.train
                                            | {"seed": seed})

@@ -1,4 +1,5 @@
-"""The committed toy foundation models: files, cards, and one gate figure re-measured small."""
+"""The committed toy foundation models of the course's world (``lessons.toyworld.COURSE_WORLD``):
+files, cards, and one gate figure re-measured small."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 from lessons import toyworld as tw
-from lessons.backbones import WEIGHTS_DIR, build_encoder, create_model
+from lessons.backbones import build_encoder, create_model, toy_weights_dir
 from reprod.toy.resumable import sha256
 
 MODELS = ("toy_vfm", "toy_vlm", "toy_diffusion")
+WEIGHTS_DIR = toy_weights_dir(tw.COURSE_WORLD)
 
 
 def _card(model: str) -> dict:
@@ -24,7 +26,7 @@ def test_weights_match_their_card(model):
     weights = WEIGHTS_DIR / f"{model}.safetensors"
     card = _card(model)
     assert card["sha256"] == sha256(weights), f"{model}: the card describes other weights"
-    assert card["toyworld_version"] == tw.TOYWORLD_VERSION, \
+    assert card["toyworld_version"] == tw.COURSE_WORLD, \
         f"{model} was trained on ToyWorld {card['toyworld_version']}: retrain it"
     assert card["steps_done"] == card["config"]["steps"]
     text = (WEIGHTS_DIR / f"{model}.md").read_text()

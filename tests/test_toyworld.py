@@ -276,7 +276,8 @@ def test_render_across_domains_is_aligned():
 # ----------------------------------------------------------------------------------------------
 def test_protocol_and_domains():
     assert tw.TOY_BENCHMARK["targets"] == tw.TARGET_DOMAINS == w1.TARGET_DOMAINS
-    assert tw.TOY_BENCHMARK["seeds"] == (0, 1, 2, 3, 4)
+    assert tw.TOY_BENCHMARK["seeds"] == (0, 1, 2, 3, 4) and w1.TOY_BENCHMARK["seeds"] == (0, 1, 2)
+    assert tw.toy_benchmark() is tw.TOY_BENCHMARK and tw.toy_benchmark("1.0") is w1.TOY_BENCHMARK
     assert tw.domains_of("1.0") == w1.DOMAINS and tw.domains_of() == tw.DOMAINS
     sets = tw.benchmark_datasets(seed=1, world="1.0")
     assert all(ds.world == "1.0" for ds in sets.values())

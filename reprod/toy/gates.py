@@ -368,7 +368,7 @@ def domains_table(entry: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", nargs="+", choices=GATES, default=list(GATES))
     ap.add_argument("--small", action="store_true", help="a quick smoke version, not recorded")
@@ -400,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
                            args.describe, args.run_dir)
         print(f"recorded try {entry['name']!r} in {TRIES_FILE}")
         return 0
-    tw.use_world(tw.TOYWORLD_VERSION)  # the gates measure world 2, whatever the course's default
     measured = measure(args.gates, args.small, args.weights)
     for line in gate_lines(measured["gates"]):
         print(line)
@@ -414,6 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(old, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    previous = tw.use_world(tw.TOYWORLD_VERSION)      # world 2, whatever the course's default
+    try:
+        return _main(argv)
+    finally:
+        tw.use_world(previous)
 
 
 if __name__ == "__main__":

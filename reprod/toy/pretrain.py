@@ -644,7 +644,7 @@ def write_card(run: VFMRun, probe: dict | None, weights: Path) -> Path:
     return write_card_files(facts, lines, weights)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", choices=["vfm", "vfm_invariant", "vlm", "diffusion"])
     ap.add_argument("--run-dir", type=Path, default=None,
@@ -662,7 +662,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     args = ap.parse_args(argv)
-    tw.use_world(tw.TOYWORLD_VERSION)  # the toy models are made for the newest world
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or RUN_DIR / args.model
@@ -720,6 +719,14 @@ def _measure_and_card(run: ResumableRun, weights: Path) -> Path:
     from reprod.toy.vlm import write_card as write_vlm_card
 
     return write_vlm_card(run, measure(weights), weights)
+
+
+def main(argv: list[str] | None = None) -> int:
+    previous = tw.use_world(tw.TOYWORLD_VERSION)      # the toy models are made in the newest world
+    try:
+        return _main(argv)
+    finally:
+        tw.use_world(previous)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,13 @@ def _add_result(key: str, record: dict, path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(tw.TOY_BENCHMARK["seeds"]),
-                    help="benchmark seeds (default 0 1 2; an ablation runs only its own seeds)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(tw.toy_benchmark()["seeds"]),
+                    help="benchmark seeds (default: the current world's protocol; an ablation "
+                         "runs only its own seeds)")
     ap.add_argument("--checkpoint-seeds", nargs="*", type=int, default=[0],
                     help="seeds whose checkpoints are written (default: 0)")
     ap.add_argument("--steps", type=int, default=None, help="override the training steps")
-    ap.add_argument("--test-length", type=int, default=tw.TOY_BENCHMARK["test_length"])
+    ap.add_argument("--test-length", type=int, default=tw.toy_benchmark()["test_length"])
     ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR,
                     help="where checkpoints and toy_sweep.json go (default: the lesson dir)")
     ap.add_argument("--force", action="store_true", help="rerun runs that have results")
