@@ -35,9 +35,8 @@ def in_world_2():
     in, whatever the course's default (``lessons.toyworld.COURSE_WORLD``)."""
     from lessons import toyworld as tw
 
-    previous = tw.use_world("2.0")
-    yield
-    tw.use_world(previous)
+    with tw.in_world("2.0"):
+        yield
 
 
 # The whole CI run must stay well under 30 minutes: fail the session when it passes this budget.

@@ -10,7 +10,7 @@ judge whether it still fits the code:
   values fit the annotation (a path or a module can only be null, ``**kwargs`` not given): a
   ``.safetensors`` file can hold tensors and choose among known models, nothing else;
 - ``toyworld_version``: the world it was trained on; the model is rebuilt with that world's toy
-  foundation models (``lessons.toyworld.use_world``), and an unknown version does not load;
+  foundation models (``lessons.toyworld.in_world``), and an unknown version does not load;
 - ``lessons_modules`` / ``lessons_digest``: the code it was trained with (shown, not enforced:
   the state dict loading strictly is what proves it still fits);
 - ``method``, ``seed``, ``train_config``, ``val_miou``, ``best_step``, ``seconds``, ``hardware``.
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lessons.backbones import WEIGHTS_DIR
-from lessons.toyworld import WORLD_VERSIONS, use_world
+from lessons.toyworld import WORLD_VERSIONS, in_world
 
 __all__ = [
     "BUILDERS",
@@ -227,11 +227,8 @@ def load_lesson_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         raise ValueError(f"{path} was trained on ToyWorld {world!r}, which this code does not "
                          f"know ({', '.join(WORLD_VERSIONS)}): retrain it with "
                          "`python -m reprod.toy.sweep`")
-    previous = use_world(world)                     # its world's toy foundation models
-    try:
+    with in_world(world):                           # its world's toy foundation models
         model = build_model(meta["builder"], meta["builder_kwargs"])
-    finally:
-        use_world(previous)
     state = load_file(str(path))
     own = model.state_dict()
     wrong = sorted(set(state) - set(own))

@@ -61,8 +61,10 @@ regenerating the toy weights, lesson checkpoints and notebook outputs (the golde
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple
@@ -131,6 +133,7 @@ __all__ = [
     "current_world",
     "domains_of",
     "draw_scene",
+    "in_world",
     "rasterize",
     "render",
     "render_across_domains",
@@ -845,6 +848,17 @@ def use_world(world: str) -> str:
     contrast where the papers' preconditions are absent."""
     previous, _CURRENT[0] = _CURRENT[0], _check_world(world)
     return previous
+
+
+@contextlib.contextmanager
+def in_world(world: str) -> Iterator[str]:
+    """``with in_world("2.0"):`` makes ``world`` the default inside the block and restores the
+    previous default after it, whatever happens inside."""
+    previous = use_world(world)
+    try:
+        yield world
+    finally:
+        use_world(previous)
 
 
 def current_world() -> str:

@@ -76,13 +76,11 @@ def test_a_committed_checkpoint_still_loads_in_its_own_world():
     from lessons import toyworld as tw
 
     path = ck.CHECKPOINT_DIR / "02_rein/frozen_seed0.safetensors"
-    previous = tw.use_world("2.0")               # whatever the default, it loads in its world
-    try:
+    with tw.in_world("2.0"):                     # whatever the default, it loads in its world
         model, meta = ck.load_lesson_checkpoint(path)
-    finally:
-        tw.use_world(previous)
+        assert tw.current_world() == "2.0"          # and the default is left as it was
     assert meta["builder"] == "lessons.segmentor:build_toy_segmentor" and not model.training
-    assert meta["toyworld_version"] == "1.0" and tw.current_world() == previous
+    assert meta["toyworld_version"] == "1.0"
 
 
 def test_the_toy_sweep_builds_through_the_registry():

@@ -298,6 +298,10 @@ def test_use_world_sets_the_default_and_returns_the_previous_one(world_2):
     assert tw.ToyWorld("fog").world == "2.0"
     with pytest.raises(ValueError, match="unknown ToyWorld version"):
         tw.use_world("9")
+    with pytest.raises(RuntimeError), tw.in_world("1.0"):
+        assert tw.current_world() == "1.0"
+        raise RuntimeError                          # the block fails: the default comes back
+    assert tw.current_world() == "2.0"
 
 
 def test_scene_seeds_are_distinct_and_splits_disjoint():

@@ -416,12 +416,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    previous = tw.use_world(tw.TOYWORLD_VERSION)      # world 2, whatever the course's default
-    try:
+    with tw.in_world(tw.TOYWORLD_VERSION):       # world 2, whatever the course's default
         return _main(argv)
-    finally:
-        tw.use_world(previous)
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

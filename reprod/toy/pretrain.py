@@ -722,12 +722,8 @@ def _measure_and_card(run: ResumableRun, weights: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    previous = tw.use_world(tw.TOYWORLD_VERSION)      # the toy models are made in the newest world
-    try:
+    with tw.in_world(tw.TOYWORLD_VERSION):       # the toy models are made in the newest world
         return _main(argv)
-    finally:
-        tw.use_world(previous)
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
