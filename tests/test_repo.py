@@ -102,11 +102,7 @@ file, a path on their machine. Cite the paper (section, equation, table) or the 
 
 # Tracked files still allowed to match, each with the reason; to be emptied once their owners
 # have fixed them (the check's own patterns, in this file, are exempt for good).
-PROVENANCE_PENDING = {
-    # a code cell's committed output prints rein_dinov2_gtav's former ``expected.source``; the
-    # next run of the notebook (python -m reprod.course.notebooks --in-place) refreshes it
-    "notebooks/09_reproducing_at_scale.ipynb",
-}
+PROVENANCE_PENDING: set[str] = set()
 
 
 def test_no_file_points_at_material_a_reader_does_not_have():
