@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 import torch
 from matplotlib.axes import Axes
@@ -28,6 +29,7 @@ __all__ = [
     "PCABasis",
     "bar_by_domain",
     "colorize",
+    "domain_heatmap",
     "feature_pca",
     "legend_handles",
     "overlay",
@@ -279,6 +281,44 @@ def bar_by_domain(
     ax.set(xlabel="", ylabel=ylabel)
     if len(domains) > 6:
         ax.tick_params(axis="x", labelrotation=30)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+def domain_heatmap(
+    table: pd.DataFrame,
+    ax: Axes | None = None,
+    title: str | None = None,
+    *,
+    source: str | None = "synthetic",
+    mean_column: str | None = "targets' mean",
+    fmt: str = ".1f",
+    label: str = "mIoU (%)",
+) -> Axes:
+    """Methods x domains as an annotated heatmap: one row per method (in the table's order), one
+    column per domain, every cell printed, so eleven methods on nine domains read at a glance.
+
+    ``table`` holds scores (e.g. mIoU in %) with methods as index and domains as columns; the
+    ``source`` column and the ``mean_column`` (when present) are set off by white lines. Colours
+    use :data:`HEATMAP_CMAP` over the table's own range; NaN cells stay blank.
+    """
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        raise ValueError("table must be a non-empty DataFrame of methods x domains")
+    values = table.astype(float)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.0 + 0.9 * values.shape[1], 0.8 + 0.38 * values.shape[0]))
+    sns.heatmap(values, annot=True, fmt=fmt, cmap=HEATMAP_CMAP, linewidths=0.5,
+                linecolor="white", cbar_kws={"label": label, "shrink": 0.8},
+                annot_kws={"fontsize": 8}, ax=ax)
+    columns = list(values.columns)
+    for name in (source, mean_column):
+        if name in columns:     # white separators around the source and the mean
+            i = columns.index(name)
+            ax.axvline(i + (1 if i == 0 else 0), color="white", linewidth=3)
+    ax.set(xlabel="", ylabel="")
+    ax.tick_params(axis="x", labelrotation=0 if len(columns) <= 8 else 30, length=0)
+    ax.tick_params(axis="y", labelrotation=0, length=0)
     if title is not None:
         ax.set_title(title)
     return ax

@@ -16,6 +16,7 @@ from lessons.viz import (
     HEATMAP_CMAP,
     bar_by_domain,
     colorize,
+    domain_heatmap,
     legend_handles,
     overlay,
     setup_style,
@@ -186,3 +187,19 @@ def test_feature_pca_colours_shared_directions_alike_across_images():
         feature_pca(torch.randn(1, 8, 2, 2), basis=basis)
     with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
         feature_pca(torch.randn(8, 2, 2))
+
+
+def test_domain_heatmap_prints_every_cell_in_the_tables_order() -> None:
+    import pandas as pd
+
+    table = pd.DataFrame({"synthetic": [60.0, 50.0], "fog": [20.0, float("nan")],
+                          "targets' mean": [30.0, 40.0]}, index=["b method", "a method"])
+    ax = domain_heatmap(table, title="t")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["b method", "a method"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["synthetic", "fog", "targets' mean"]
+    shown = sorted(t.get_text() for t in ax.texts)
+    assert shown == sorted(["60.0", "50.0", "20.0", "30.0", "40.0"])      # NaN stays blank
+    assert len(ax.lines) == 2 and ax.get_title() == "t"                    # the two separators
+    plt.close(ax.figure)
+    with pytest.raises(ValueError, match="non-empty DataFrame"):
+        domain_heatmap(pd.DataFrame())
