@@ -31,6 +31,7 @@ __all__ = [
     "colorize",
     "domain_heatmap",
     "feature_pca",
+    "index_colours",
     "legend_handles",
     "overlay",
     "setup_style",
@@ -243,6 +244,24 @@ def legend_handles(
     if bad.size:
         raise ValueError(f"class ids outside [0, {len(class_names)}): {bad.tolist()}")
     return [Patch(facecolor=_LUT[k] / 255.0, edgecolor="0.3", label=class_names[k]) for k in ids]
+
+
+def index_colours(ids: Array, count: int) -> np.ndarray:
+    """Categorical colours (..., 3) in [0, 1] for integer indices in [0, count): which token, query
+    or agent a patch picks. Up to 20 indices use ``tab20``; up to 60 ``tab20``, ``tab20b`` and
+    ``tab20c`` in turn, so no two indices share a colour (a sequential map would suggest an
+    order the indices do not have)."""
+    ids = _numpy(ids)
+    if not _is_integer(ids):
+        raise ValueError(f"index_colours wants integer indices, got {ids.dtype}")
+    if not 0 < count <= 60:
+        raise ValueError(f"index_colours draws 1..60 distinct indices, not {count}")
+    if ids.size and (ids.min() < 0 or ids.max() >= count):
+        bad = np.unique(ids[(ids < 0) | (ids >= count)])
+        raise ValueError(f"indices outside [0, {count}): {bad.tolist()}")
+    names = ["tab20"] if count <= 20 else ["tab20", "tab20b", "tab20c"]
+    table = np.concatenate([plt.get_cmap(n)(np.arange(20))[:, :3] for n in names])   # (20|60, 3)
+    return table[ids]
 
 
 def setup_style() -> None:

@@ -17,6 +17,7 @@ from lessons.viz import (
     bar_by_domain,
     colorize,
     domain_heatmap,
+    index_colours,
     legend_handles,
     overlay,
     setup_style,
@@ -203,3 +204,18 @@ def test_domain_heatmap_prints_every_cell_in_the_tables_order() -> None:
     plt.close(ax.figure)
     with pytest.raises(ValueError, match="non-empty DataFrame"):
         domain_heatmap(pd.DataFrame())
+
+
+def test_index_colours_are_distinct_and_categorical() -> None:
+    ids = torch.arange(20).view(4, 5)
+    colours = index_colours(ids, 20)                                          # (4, 5, 3)
+    assert colours.shape == (4, 5, 3) and colours.min() >= 0 and colours.max() <= 1
+    assert len({tuple(c) for c in colours.reshape(-1, 3)}) == 20
+    many = index_colours(np.arange(60), 60)
+    assert len({tuple(c) for c in many}) == 60
+    with pytest.raises(ValueError, match=r"indices outside \[0, 5\): \[7\]"):
+        index_colours(np.array([1, 7]), 5)
+    with pytest.raises(ValueError, match="integer indices"):
+        index_colours(np.array([0.5]), 5)
+    with pytest.raises(ValueError, match="1..60"):
+        index_colours(np.array([0]), 61)
