@@ -366,19 +366,28 @@ def evaluate_domains(model: nn.Module, datasets: Mapping[str, Dataset], batch_si
     return out
 
 
-def domain_table(results: Mapping[str, Mapping[str, float]], digits: int = 1) -> str:
-    """A text table of mIoU (%) with models as rows and domains as columns (plus their mean)."""
+def domain_table(results: Mapping[str, Mapping[str, float]], digits: int = 1,
+                 source: str = "synthetic") -> str:
+    """A text table of mIoU (%) with models as rows and domains as columns, plus a mean column
+    whose header says what it averages: "targets' mean" (every column but ``source``) when the
+    source is shown beside other domains, "mean" (every column) when it is not; no mean column
+    for a single domain."""
     if not results or not all(results.values()):
         raise ValueError("domain_table needs at least one model with at least one domain")
     domains = list(next(iter(results.values())).keys())
-    width = max(9, *(len(d) + 1 for d in domains))
+    averaged = [d for d in domains if d != source] if source in domains else domains
+    header = "targets' mean" if len(averaged) < len(domains) else "mean"
+    with_mean = len(domains) > 1 and bool(averaged)
+    width = max(9, *(len(d) + 1 for d in domains), len(header) + 1 if with_mean else 0)
     name_w = max(12, *(len(m) + 1 for m in results))
     lines = [f"{'model':<{name_w}}" + "".join(f"{d:>{width}}" for d in domains)
-             + f"{'mean':>{width}}"]
+             + (f"{header:>{width}}" if with_mean else "")]
     for model_name, res in results.items():
-        vals = [100 * res[d] for d in domains]
-        lines.append(f"{model_name:<{name_w}}" + "".join(f"{v:>{width}.{digits}f}" for v in vals)
-                     + f"{sum(vals) / len(vals):>{width}.{digits}f}")
+        vals = {d: 100 * res[d] for d in domains}
+        mean = sum(vals[d] for d in averaged) / len(averaged) if with_mean else None
+        lines.append(f"{model_name:<{name_w}}" + "".join(f"{v:>{width}.{digits}f}"
+                                                         for v in vals.values())
+                     + (f"{mean:>{width}.{digits}f}" if with_mean else ""))
     return "\n".join(lines)
 
 

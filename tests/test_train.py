@@ -598,6 +598,17 @@ def test_domain_table_formats_percentages_with_a_mean_column():
     assert lines2[2].split() == ["rein-dinov2", "12.34", "90.00", "51.17"]
 
 
+def test_domain_table_leaves_the_source_out_of_the_mean_and_says_so():
+    results = {"m": {"synthetic": 0.9, "fog": 0.5, "night": 0.25}}
+    lines = domain_table(results).splitlines()
+    assert lines[0].split()[-2:] == ["targets'", "mean"]
+    assert lines[1].split() == ["m", "90.0", "50.0", "25.0", "37.5"]    # fog and night only
+    assert len({len(line) for line in lines}) == 1
+    assert domain_table(results, source="fog").splitlines()[1].split()[-1] == "57.5"
+    single = domain_table({"m": {"synthetic": 0.9}}).splitlines()
+    assert single[0].split() == ["model", "synthetic"] and single[1].split() == ["m", "90.0"]
+
+
 # ---------------------------------------------------------------- baselines.TinySegNet
 
 
