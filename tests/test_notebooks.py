@@ -6,7 +6,8 @@
 - files are clean under ``nbstripout --keep-output --keep-count``;
 - every lesson follows the notebook pattern: Colab badge and guarded install cell, goals, time,
   a summary, exercises with a solutions notebook, references;
-- nbval markers follow the policy: checked cells exist, progress bars and timings never in them.
+- nbval markers follow the policy: checked cells exist, progress bars and timings never in them;
+- CI-only check cells (asserts without output) are collapsed, and no other cell is.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import nbformat
 import pytest
 
 from reprod.course.notebooks import (
+    CHECK_TAG,
     NOTEBOOK_DIR,
     all_notebooks,
+    collapse_check_cells,
     imported_modules,
+    is_check_cell,
     stale_reasons,
     tool_path,
 )
@@ -102,3 +106,31 @@ def test_notebooks_import_only_existing_lessons_modules(path):
     nb = nbformat.read(path, as_version=4)
     for m in imported_modules(nb):
         assert (NOTEBOOK_DIR.parent / "lessons" / f"{m}.py").exists(), m
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+def test_check_cells_are_collapsed_out_of_the_reading_path(path):
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        hidden = cell.metadata.get("jupyter", {}).get("source_hidden", False)
+        tagged = CHECK_TAG in cell.metadata.get("tags", [])
+        assert hidden == tagged == is_check_cell(cell), (
+            f"{path.name}, code cell {i}: collapsed {hidden}, tagged {tagged}, a check cell "
+            f"{is_check_cell(cell)} (`make notebooks` collapses exactly the check cells)")
+
+
+def test_what_counts_as_a_check_cell():
+    new = nbformat.v4.new_code_cell
+    assert is_check_cell(new("x = 1\nassert x > 0, x"))
+    assert is_check_cell(new("for k in range(3):\n    assert k < 3"))
+    assert not is_check_cell(new("x = 1"))                          # no assert
+    assert not is_check_cell(new("assert True\nprint(1)"))          # shows something
+    assert not is_check_cell(new("!ls\nassert True"))               # a magic: not Python
+    shown = new("assert True")
+    shown.outputs = [nbformat.v4.new_output("stream", text="x")]
+    assert not is_check_cell(shown)
+    nb = nbformat.v4.new_notebook(cells=[new("assert 1"), new("y = 2")])
+    nb.cells[1].metadata["tags"] = [CHECK_TAG]                      # a stale tag is removed
+    assert collapse_check_cells(nb) == 1
+    assert nb.cells[0].metadata == {"tags": [CHECK_TAG], "jupyter": {"source_hidden": True}}
+    assert nb.cells[1].metadata == {}

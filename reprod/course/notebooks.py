@@ -9,13 +9,17 @@ Outputs are always made the same way: a fresh kernel per notebook in this enviro
 CPU, with progress bars off and ``OMP_NUM_THREADS=2`` (the laptop the lessons are timed on). The
 notebook's metadata records ``dgss_lessons``: the ToyWorld version and the digest of the
 ``lessons`` modules the notebook imports (with their own imports), so a test can tell when
-outputs were made by older code. Files are then cleaned with
+outputs were made by older code. CI-only check cells (asserts and the assignments they need,
+no output: :func:`is_check_cell`) are collapsed, so they stay out of the reading path: hidden
+source in JupyterLab (``jupyter.source_hidden``), a "show code" toggle on the course website
+(MyST-NB's ``hide-input`` tag). Files are then cleaned with
 ``nbstripout --keep-output --keep-count``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import shutil
 import subprocess
@@ -26,13 +30,16 @@ from pathlib import Path
 import nbformat
 
 __all__ = [
+    "CHECK_TAG",
     "META_KEY",
     "NOTEBOOK_DIR",
     "ROOT",
     "all_notebooks",
+    "collapse_check_cells",
     "execute",
     "expected_metadata",
     "imported_modules",
+    "is_check_cell",
     "kernel_env",
     "main",
     "run_in_kernel",
@@ -43,6 +50,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 META_KEY = "dgss_lessons"
+CHECK_TAG = "hide-input"        # MyST-NB: the course website shows the cell behind a toggle
 
 
 def tool_path(name: str) -> str:
@@ -68,6 +76,49 @@ def imported_modules(nb: nbformat.NotebookNode) -> list[str]:
                      for ln in cell.source.splitlines()]
             found |= lessons_imports("\n".join(lines))
     return sorted(found)
+
+
+def _only_checks(body: list[ast.stmt]) -> bool:
+    """Asserts, the assignments they read, and for-loops of those: nothing a reader must see."""
+    for st in body:
+        if isinstance(st, ast.For) and not st.orelse and _only_checks(st.body):
+            continue
+        if not isinstance(st, (ast.Assert, ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            return False
+    return True
+
+
+def is_check_cell(cell: nbformat.NotebookNode) -> bool:
+    """A CI-only check: a code cell with an ``assert``, made only of asserts and assignments
+    (and loops of them), that shows nothing (no output)."""
+    if cell.cell_type != "code" or cell.get("outputs"):
+        return False
+    try:
+        tree = ast.parse(cell.source)
+    except SyntaxError:             # IPython magics: never a check cell
+        return False
+    return any(isinstance(n, ast.Assert) for n in ast.walk(tree)) and _only_checks(tree.body)
+
+
+def collapse_check_cells(nb: nbformat.NotebookNode) -> int:
+    """Collapse every check cell (and only those): the number collapsed."""
+    count = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        tags = [t for t in cell.metadata.get("tags", []) if t != CHECK_TAG]
+        jupyter = {k: v for k, v in cell.metadata.get("jupyter", {}).items()
+                   if k != "source_hidden"}
+        if is_check_cell(cell):
+            tags.append(CHECK_TAG)
+            jupyter["source_hidden"] = True
+            count += 1
+        for key, value in (("tags", tags), ("jupyter", jupyter)):
+            if value:
+                cell.metadata[key] = value
+            else:
+                cell.metadata.pop(key, None)
+    return count
 
 
 def expected_metadata(nb: nbformat.NotebookNode) -> dict:
@@ -129,6 +180,7 @@ def execute(path: Path, out: Path, timeout: int = 900) -> float:
     """Execute ``path`` in a fresh kernel (cwd = its folder), write to ``out``; seconds taken."""
     nb = nbformat.read(path, as_version=4)
     seconds = run_in_kernel(nb, path.parent, timeout)
+    collapse_check_cells(nb)
     nb.metadata[META_KEY] = expected_metadata(nb)
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
