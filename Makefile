@@ -4,6 +4,7 @@
 #   make test       set up, then run every test (unit tests + nbval over all notebooks)
 #   make notebooks  re-execute every notebook in place: the canonical way to refresh outputs
 #   make students   regenerate the student copies (notebooks/students/) from the solutions
+#   make diagrams   redraw the lessons' architecture diagrams (notebooks/assets/diagrams/*.svg)
 #   make bench      benchmarks: ToyWorld rendering, the selective scan against mambapy
 #   make site       the course website into build/site/ (committed outputs, offline; site/)
 #   make site-check build it, then load every page in headless Chromium (build/site-shots/)
@@ -20,7 +21,7 @@ STAMP := $(VENV)/.dgss-installed
 # JupyterLab refuses to start as root unless told to; Docker and other containers run as root.
 LAB_FLAGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 
-.PHONY: setup lab lessons test test-fast notebooks students bench check-env lint hooks clean \
+.PHONY: setup lab lessons test test-fast notebooks students diagrams bench check-env lint hooks clean \
 	gpu-carry gpu-check site site-check
 
 $(STAMP): pyproject.toml
@@ -49,6 +50,9 @@ notebooks: setup
 
 students: setup
 	$(PY) -m reprod.course.student_copies
+
+diagrams: setup
+	$(PY) -m reprod.course.diagrams
 
 bench: setup
 	$(PY) -m reprod.toy.bench_render

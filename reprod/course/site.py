@@ -13,7 +13,9 @@ The site is Sphinx with MyST-NB (configuration in ``site/``). The sources are st
 - ``notebooks/solutions/NN_*_solutions.ipynb`` are the solutions pages, each linking back to its
   lesson; ``notebooks/students/`` are offered as downloads only (they stop at TODO cells);
 - ``docs/*.md`` are pages (the syllabus first, then by name), and the README is a page too;
-- ``site/index.md`` is the front page; the lessons table and the navigation are written into it.
+- ``site/index.md`` is the front page; the lessons table and the navigation are written into it;
+- local images that these pages show (``notebooks/assets/diagrams/*.svg``, the lessons'
+  architecture diagrams) are staged at the same relative paths, so Sphinx copies them.
 
 Notebooks are rendered with their committed outputs (``nb_execution_mode = "off"``), never run.
 Links between staged pages stay relative; links to repository files that are not pages (code,
@@ -54,8 +56,8 @@ from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "BROWSER_ARGS", "CONF_DIR", "OUT_DIR", "SHOTS_DIR", "STAGE_DIR", "CheckReport", "Lesson",
-    "build_site", "check_site", "doc_pages", "find_chromium", "lessons", "missing_packages",
-    "repo_url", "rewrite_links", "serve", "stage",
+    "build_site", "check_site", "doc_pages", "find_chromium", "lessons", "local_images",
+    "missing_packages", "repo_url", "rewrite_links", "serve", "stage",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -238,6 +240,46 @@ def rewrite_links(text: str, src: str, pages: set[str], root: Path = ROOT) -> st
     return "".join(out)
 
 
+def local_images(text: str, src: str, root: Path = ROOT) -> list[str]:
+    """The repository files that the Markdown of ``src`` shows as images (``![..](path)`` or
+    ``<img src="path">``, outside fenced code), as root-relative paths, in order of appearance."""
+    found: list[str] = []
+
+    def add(target: str) -> None:
+        target = target[1:-1] if target.startswith("<") else target
+        path = target.partition("#")[0].partition("?")[0]
+        if not path or _is_remote(path):
+            return
+        rel = posixpath.normpath(posixpath.join(posixpath.dirname(src), unquote(path)))
+        if not rel.startswith("../") and (root / rel).is_file() and rel not in found:
+            found.append(rel)
+
+    fenced = False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        for m in _INLINE.finditer(line):
+            if m.group("bang"):
+                add(m.group("target"))
+            for inner in _INLINE.finditer(m.group("text")):   # an image inside a link's text
+                if inner.group("bang"):
+                    add(inner.group("target"))
+        for m in _HTML_ATTR.finditer(line):
+            if m.group("attr") == "src":
+                add(m.group("target"))
+    return found
+
+
+def _markdown_of(path: str, root: Path) -> str:
+    """The Markdown of a page source: a notebook's markdown cells, or a Markdown file."""
+    if path.endswith(".ipynb"):
+        nb = json.loads((root / path).read_text("utf-8"))
+        return "\n\n".join(_source(c) for c in _cells(nb) if c.get("cell_type") == "markdown")
+    return (root / path).read_text("utf-8")
+
 
 # ------------------------------------------------------------------------------------------------
 # Staging
@@ -357,6 +399,9 @@ def stage(stage_dir: Path = STAGE_DIR, root: Path = ROOT, conf_dir: Path = CONF_
     for doc in docs + (["README.md"] if has_readme else []):
         files[doc] = rewrite_links((root / doc).read_text("utf-8"), doc, pages, root)
     files["index.md"] = _index(items, docs, conf_dir, has_readme, root)
+    for page in sorted(pages):                  # images the pages show, at the same paths
+        for image in local_images(_markdown_of(page, root), page, root):
+            files.setdefault(image, (root / image).read_bytes())
     for asset in (conf_dir / "_assets").glob("*"):
         files[f"_assets/{asset.name}"] = asset.read_bytes()
 
