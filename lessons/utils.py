@@ -24,6 +24,7 @@ __all__ = [
     "hardware",
     "lessons_digest",
     "lessons_imports",
+    "module_files",
     "module_closure",
     "seed_everything",
     "set_threads",
@@ -103,7 +104,18 @@ def lessons_imports(source: str) -> set[str]:
                 parts = a.name.split(".")
                 if parts[0] == "lessons" and len(parts) > 1:
                     found.add(parts[1])
-    return {m for m in found if (PACKAGE_DIR / f"{m}.py").exists()}
+    return {m for m in found if module_files(m)}
+
+
+def module_files(module: str) -> list[Path]:
+    """The source files of ``lessons.<module>``: its ``.py`` file, or every ``.py`` file of a
+    subpackage (``lessons/exercises/``), sorted; empty when there is no such module."""
+    path = PACKAGE_DIR / f"{module}.py"
+    if path.exists():
+        return [path]
+    if (PACKAGE_DIR / module / "__init__.py").exists():
+        return sorted((PACKAGE_DIR / module).glob("*.py"))
+    return []
 
 
 def module_closure(modules: str | set[str] | list[str]) -> list[str]:
@@ -113,10 +125,12 @@ def module_closure(modules: str | set[str] | list[str]) -> list[str]:
         m = todo.pop()
         if m in seen:
             continue
-        if not (PACKAGE_DIR / f"{m}.py").exists():
+        files = module_files(m)
+        if not files:
             raise ValueError(f"no module lessons.{m} (looked for {PACKAGE_DIR / f'{m}.py'})")
         seen.add(m)
-        todo.extend(lessons_imports((PACKAGE_DIR / f"{m}.py").read_text("utf-8")) - seen)
+        for f in files:
+            todo.extend(lessons_imports(f.read_text("utf-8")) - seen)
     return sorted(seen)
 
 
@@ -127,8 +141,11 @@ def lessons_digest(modules: str | list[str] | set[str] | None = None) -> str:
     tell when a notebook's committed outputs were made by older code.
     """
     names = module_closure(modules) if modules is not None else sorted(
-        p.stem for p in PACKAGE_DIR.glob("*.py"))
+        [p.stem for p in PACKAGE_DIR.glob("*.py")]
+        + [p.parent.name for p in PACKAGE_DIR.glob("*/__init__.py")])
     h = hashlib.sha256()
     for m in names:
-        h.update(m.encode() + b"\0" + (PACKAGE_DIR / f"{m}.py").read_bytes() + b"\0")
+        for f in module_files(m):       # a subpackage: each file, named below the package
+            name = m if f.name == f"{m}.py" else f"{m}/{f.name}"
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]

@@ -109,7 +109,9 @@ def test_notebook_imports_are_read_from_the_notebooks():
     assert "lessons.toyworld" in mods and "torch" in mods
     assert not [m for m in mods if m.split(".")[0] in ("sys", "json", "__future__")]
     for m in (m for m in mods if m.startswith("lessons.")):
-        assert (ROOT / "lessons" / f"{m.split('.')[1]}.py").exists(), m
+        name = m.split(".")[1]
+        assert ((ROOT / "lessons" / f"{name}.py").exists()
+                or (ROOT / "lessons" / name / "__init__.py").exists()), m
     assert resolve("lessons", ("viz", "not_a_module")) == ["lessons", "lessons.viz"]
     assert resolve("numpy", ("pi",)) == ["numpy"]
 

@@ -19,6 +19,7 @@ from lessons.utils import (
     lessons_digest,
     lessons_imports,
     module_closure,
+    module_files,
     seed_everything,
     set_threads,
 )
@@ -107,6 +108,17 @@ def test_module_closure_follows_imports_transitively():
     # check_env imports lessons.toyworld inside a function: it counts, and so does what
     # toyworld imports (classes), which check_env does not import itself
     assert {"check_env", "toyworld", "classes"} <= set(module_closure(["check_env"]))
+
+
+def test_a_subpackage_counts_as_one_module_made_of_all_its_files():
+    files = module_files("exercises")
+    assert files[0].name == "__init__.py" and len(files) > 1
+    assert all(f.parent.name == "exercises" for f in files)
+    assert module_files("train") == [files[0].parents[1] / "train.py"]
+    assert module_files("nope") == []
+    assert lessons_imports("from lessons.exercises import check_exercise") == {"exercises"}
+    closure = module_closure(["exercises"])
+    assert "exercises" in closure and "train" in closure       # what its files import
 
 
 def test_module_closure_rejects_unknown_modules():
