@@ -18,6 +18,7 @@ import subprocess
 import nbformat
 import pytest
 
+from lessons.utils import module_files
 from reprod.course.notebooks import (
     CHECK_TAG,
     NOTEBOOK_DIR,
@@ -105,7 +106,7 @@ def test_nbval_policy(path):
 def test_notebooks_import_only_existing_lessons_modules(path):
     nb = nbformat.read(path, as_version=4)
     for m in imported_modules(nb):
-        assert (NOTEBOOK_DIR.parent / "lessons" / f"{m}.py").exists(), m
+        assert module_files(m), m           # a module file, or a subpackage (lessons.exercises)
 
 
 @pytest.mark.parametrize("path", ALL, ids=_ids(ALL))

@@ -2,7 +2,10 @@
 
 - the committed copies are what the generator makes now from the solutions and the lessons;
 - each has one TODO cell per item of its lesson's ``## Exercises`` list, and no solution code;
-- each runs up to its first TODO cell (one fresh process for all; nbval does not collect them);
+- pasting the solutions' answer cells into the TODO cells gives the solutions' code, whose
+  committed check cells all say "right" (nbval runs the solutions and compares them);
+- each runs whole with its TODO cells as they are (one fresh process for all; nbval does not
+  collect them), and then every check says "not yet";
 - a lesson whose exercise list does not match its solutions stops the generator with a clear error.
 """
 
@@ -69,10 +72,14 @@ def test_one_todo_per_exercise_and_no_solution_code(solutions):
     nb = nbformat.read(copy, as_version=4)
     n = _lesson_item_count(sc.lesson_path(solutions))
     assert _todo_numbers(nb) == list(range(1, n + 1)), f"{copy.name}: want TODOs 1..{n}"
-    for k in range(1, n + 1):     # each TODO cell right after its exercise's heading
+    for k in range(1, n + 1):     # heading, given cells, TODO cell, check cell
         i = next(i for i, c in enumerate(nb.cells)
                  if c.cell_type == "markdown" and c.source.startswith(f"## Exercise {k}: "))
-        assert nb.cells[i + 1].source.startswith(f"# TODO (exercise {k})")
+        j = i + 1
+        while nb.cells[j].source.startswith(f"{sc.GIVEN_PREFIX}{k})"):
+            j += 1
+        assert nb.cells[j].source.startswith(f"# TODO (exercise {k})")
+        assert nb.cells[j + 1].source.startswith(f"{sc.CHECK_PREFIX}{k})")
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     for source in sc.exercise_code_cells(solutions):
         assert source.strip() not in code, f"{copy.name} contains solution code:\n{source}"
@@ -97,15 +104,53 @@ def test_clean_under_nbstripout():
     assert out.returncode == 0, f"copies change under nbstripout: {out.stdout}{out.stderr}"
 
 
-def test_every_copy_runs_up_to_its_first_todo():
-    # One fresh Python process runs the setup cells of every copy in turn (each in its own
-    # namespace, from its folder), at this session's thread count: the imports load once.
+def _code(cells) -> list[str]:
+    return [c.source for c in cells if c.cell_type == "code"
+            and not c.source.startswith("# NBVAL_SKIP")]
+
+
+@pytest.mark.parametrize("solutions", SOLUTIONS, ids=_ids(COPIES))
+def test_pasting_the_answers_gives_the_solutions_code(solutions):
+    copy = sc.student_path(solutions)
+    _require(copy)
+    nb = nbformat.read(solutions, as_version=4)
+    parts = {p.number: p for p in sc.exercise_parts(nb, solutions.name, solutions.name[:2])}
+    pasted = []
+    for source in _code(nbformat.read(copy, as_version=4).cells):
+        if source.startswith(sc.TODO_PREFIX):
+            k = int(re.match(r"# TODO \(exercise (\d+)\)", source)[1])
+            pasted += [c.source for c in parts[k].answer]
+        else:
+            pasted.append(source)
+    assert pasted == _code(nb.cells), f"{copy.name} with the answers pasted in is not the solutions"
+
+
+@pytest.mark.parametrize("solutions", SOLUTIONS, ids=_ids(COPIES))
+def test_every_check_says_right_in_the_solutions(solutions):
+    nb = nbformat.read(solutions, as_version=4)
+    for part in sc.exercise_parts(nb, solutions.name, solutions.name[:2]):
+        assert "# NBVAL_CHECK_OUTPUT" in part.check.source   # nbval compares the verdict
+        text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
+                       for o in part.check.outputs)
+        assert text.startswith(f"Exercise {part.number} of lesson {solutions.name[:2]}: right."), (
+            f"{solutions.name}, exercise {part.number}: {text!r} (re-run `make notebooks`)")
+
+
+def test_every_check_says_not_yet_with_the_todos_in_place():
+    # One fresh Python process runs every copy whole, TODO cells as they are (comments only),
+    # each in its own namespace, at this session's thread count: the imports load once.
     copies = [c for c in COPIES if c.exists()]
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
-    done = sc.run_setups(copies, threads=threads)
+    done = sc.run_copies(copies, threads=threads)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(" s\n") == len(copies), done.stdout
     print(done.stdout)
+    for copy, solutions in zip(copies, SOLUTIONS, strict=True):
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith(f"{copy.name}: ")]
+        n = _lesson_item_count(sc.lesson_path(solutions))
+        verdicts = [ln for ln in lines if ": Exercise " in ln]
+        assert len(verdicts) == n, f"{copy.name}: want {n} verdicts, got {verdicts}"
+        assert all(": not yet. " in v for v in verdicts), verdicts
+        assert lines[-1].startswith(f"{copy.name}: ran in "), lines
 
 
 def test_mismatched_exercise_lists_fail_loudly(tmp_path, monkeypatch):

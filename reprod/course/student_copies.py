@@ -2,7 +2,7 @@
 
     python -m reprod.course.student_copies          # (re)write notebooks/students/ (make students)
     python -m reprod.course.student_copies --check  # exit 1 if a copy is stale or missing
-    python -m reprod.course.student_copies --execute    # run each copy up to its first TODO, timed
+    python -m reprod.course.student_copies --execute    # run each copy as given: every check
 
 For every ``notebooks/solutions/NN_<name>_solutions.ipynb`` this writes
 ``notebooks/students/NN_<name>_student.ipynb``, made of
@@ -12,16 +12,24 @@ For every ``notebooks/solutions/NN_<name>_solutions.ipynb`` this writes
 - the solutions' setup cells (everything between the install cell and the first
   ``## Exercise N: title`` heading), unchanged;
 - per exercise: its ``## Exercise N: title`` heading with the statement of item N of the lesson's
-  ``## Exercises`` list, then one code cell ``# TODO (exercise N): your code here`` that raises
-  ``NotImplementedError``. The solution cells and their explanations are dropped.
+  ``## Exercises`` list; the solutions' *given* cells of that exercise (code cells whose first line
+  is ``# Given (exercise N): ...``: the helpers the exercise builds on); one TODO cell
+  ``# TODO (exercise N): your code here``, which lists the names the check reads
+  (``lessons.exercises.needed_names``) and does nothing until filled in; and the solutions' *check*
+  cell (first line ``# Check (exercise N)``), which calls ``check_exercise("NN", N, globals())``
+  and says right or not yet. The answer cells and the explanations are dropped.
+
+In the solutions an exercise's given cells come before its answer cells and its one check cell
+after them, so pasting the answer cells into a copy's TODO cell gives the solutions' code cells
+in order (a test checks it), and the solutions, which nbval runs, show every check passing.
 
 Copies carry no outputs or execution counts, keep the solutions' kernelspec and record their
 source in ``metadata.dgss_lessons.student_copy_of``. They are a pure function of the solutions
 and the lesson notebooks, so running twice gives byte-identical files and ``--check`` can tell
 when a copy is stale. A notebook that does not fit this structure stops the run with an error
 naming the file and what is missing. Copies are not executed by nbval (the root ``conftest.py``
-ignores ``notebooks/students/``); ``--execute`` and ``tests/test_student_copies.py`` run their
-setup in a fresh kernel instead.
+ignores ``notebooks/students/``); ``--execute`` and ``tests/test_student_copies.py`` run them
+whole with the TODO cells as they are, where every check must say "not yet".
 """
 
 from __future__ import annotations
@@ -36,12 +44,15 @@ from pathlib import Path
 
 import nbformat
 
-from reprod.course.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env, run_in_kernel
+from lessons.exercises import needed_names
+from reprod.course.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env
 
 __all__ = [
     "BADGE_RE",
+    "CHECK_PREFIX",
     "EXERCISES_RE",
     "EXERCISE_RE",
+    "GIVEN_PREFIX",
     "ITEM_RE",
     "RELATIVE_LINK_RE",
     "SOLUTIONS_DIR",
@@ -54,18 +65,17 @@ __all__ = [
     "StructureError",
     "all_solutions",
     "build",
-    "execute_until_todo",
     "exercise_code_cells",
+    "exercise_parts",
     "lesson_exercises",
     "lesson_path",
     "main",
     "render",
-    "run_setups",
-    "setup_source",
+    "run_copies",
     "split_solutions",
     "stale_copies",
     "student_path",
-    "todo_cell_index",
+    "todo_source",
     "write_all",
 ]
 
@@ -81,6 +91,8 @@ EXERCISES_RE = re.compile(r"^## Exercises[ \t]*$", re.M)
 ITEM_RE = re.compile(r"^(?P<num>\d+)\. (?P<text>.*)$")
 RELATIVE_LINK_RE = re.compile(r"\]\((?!https?:|mailto:|#|/)(?P<target>[^)\s]+)\)")
 TODO_PREFIX = "# TODO (exercise "
+GIVEN_PREFIX = "# Given (exercise "
+CHECK_PREFIX = "# Check (exercise "
 
 
 class StructureError(ValueError):
@@ -92,6 +104,16 @@ class Exercise:
     number: int
     title: str          # from the solutions' ``## Exercise N: title`` heading
     statement: str      # item N of the lesson's ``## Exercises`` list, without "N. "
+
+
+@dataclass(frozen=True)
+class ExerciseParts:
+    """The code cells of one exercise section of a solutions notebook, by role."""
+
+    number: int
+    given: list[nbformat.NotebookNode]      # ``# Given (exercise N)`` cells, before the answer
+    answer: list[nbformat.NotebookNode]     # the solution: what the TODO cell stands for
+    check: nbformat.NotebookNode            # the ``# Check (exercise N)`` cell, after the answer
 
 
 def student_path(solutions: Path) -> Path:
@@ -179,12 +201,48 @@ def split_solutions(
     return cells[0], install, setup, headings
 
 
+def exercise_parts(nb: nbformat.NotebookNode, name: str, lesson: str) -> list[ExerciseParts]:
+    """Each exercise section's given, answer and check cells (a section runs from its
+    ``## Exercise N`` heading to the next one); a StructureError names what does not fit."""
+    sections: list[tuple[int, list[nbformat.NotebookNode]]] = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and (m := EXERCISE_RE.search(cell.source)):
+            sections.append((int(m["num"]), []))
+        elif sections and cell.cell_type == "code":
+            sections[-1][1].append(cell)
+    parts = []
+    for n, cells in sections:
+        where = f"{name}, exercise {n}"
+        given = [c for c in cells if c.source.startswith(f"{GIVEN_PREFIX}{n})")]
+        checks = [c for c in cells if c.source.startswith(f"{CHECK_PREFIX}{n})")]
+        answer = [c for c in cells if c not in given and c not in checks]
+        if cells[:len(given)] != given:
+            raise StructureError(f"{where}: the '{GIVEN_PREFIX}{n})' cells must come first")
+        if len(checks) != 1:
+            raise StructureError(f"{where}: want one '{CHECK_PREFIX}{n})' cell, "
+                                 f"found {len(checks)}")
+        call = f'check_exercise("{lesson}", {n}, globals())'
+        if call not in checks[0].source:
+            raise StructureError(f"{where}: the check cell must call {call}")
+        if not answer or cells.index(checks[0]) < cells.index(answer[-1]):
+            raise StructureError(f"{where}: the check cell must come after the answer cells")
+        parts.append(ExerciseParts(n, given, answer, checks[0]))
+    return parts
+
+
 def exercise_code_cells(solutions: Path) -> list[str]:
-    """The sources of the solutions' code cells from the first exercise heading on."""
+    """The sources of the solutions' answer cells (given and check cells left out)."""
     nb = nbformat.read(solutions, as_version=4)
-    first = next(i for i, c in enumerate(nb.cells)
-                 if c.cell_type == "markdown" and EXERCISE_RE.search(c.source))
-    return [c.source for c in nb.cells[first:] if c.cell_type == "code"]
+    lesson = solutions.name[:2]
+    return [c.source for p in exercise_parts(nb, _rel(solutions), lesson) for c in p.answer]
+
+
+def todo_source(lesson: str, number: int) -> str:
+    """The TODO cell of an exercise: what to write, and the names its check reads."""
+    needs = needed_names(lesson, number)
+    lines = [f"{TODO_PREFIX}{number}): your code here. The check below reads"]
+    lines += [f"#   {name}: {what}" for name, what in needs.items()]
+    return "\n".join(lines)
 
 
 def build(solutions: Path) -> nbformat.NotebookNode:
@@ -216,13 +274,14 @@ def build(solutions: Path) -> nbformat.NotebookNode:
              f"TODO cell.\nThe solutions are in "
              f"[../solutions/{solutions.name}](../solutions/{solutions.name}).")
 
+    parts = exercise_parts(nb, name, title["num"])
     cells = [nbformat.v4.new_markdown_cell(intro), _copy(install), *map(_copy, setup)]
-    for ex in exercises:
+    for ex, part in zip(exercises, parts, strict=True):
         cells.append(nbformat.v4.new_markdown_cell(
             f"## Exercise {ex.number}: {ex.title}\n\n{ex.statement}"))
-        cells.append(nbformat.v4.new_code_cell(
-            f"{TODO_PREFIX}{ex.number}): your code here\n"
-            f'raise NotImplementedError("exercise {ex.number}")'))
+        cells += map(_copy, part.given)
+        cells.append(nbformat.v4.new_code_cell(todo_source(title["num"], ex.number)))
+        cells.append(_copy(part.check))
     for i, cell in enumerate(cells):
         cell.id = str(i)                          # deterministic ids, like the lessons'
     metadata = {META_KEY: {"student_copy_of": name}}
@@ -279,61 +338,43 @@ def stale_copies() -> dict[Path, str]:
     return bad
 
 
-def todo_cell_index(nb: nbformat.NotebookNode) -> int:
-    """Index of the first TODO cell (the end of the part a student copy runs unchanged)."""
-    for i, c in enumerate(nb.cells):
-        if c.cell_type == "code" and c.source.startswith(TODO_PREFIX):
-            return i
-    raise StructureError("no TODO cell")
-
-
-def setup_source(path: Path) -> str:
-    """The Python of a student copy's cells before its first TODO, ``# NBVAL_SKIP`` cells (the
-    Colab install) left out: what :func:`run_setups` executes."""
-    nb = nbformat.read(path, as_version=4)
-    return "\n\n".join(c.source for c in nb.cells[:todo_cell_index(nb)]
-                        if c.cell_type == "code" and not c.source.startswith("# NBVAL_SKIP"))
-
-
-_RUN_SETUPS = """
+_RUN_COPIES = """
 import os, sys, time
+import nbformat
 from pathlib import Path
-from reprod.course.student_copies import setup_source
 for arg in sys.argv[1:]:
-    path = Path(arg)
+    path = Path(arg).resolve()
     os.chdir(path.parent)
+    namespace = {"__name__": "__main__"}
     start = time.perf_counter()
-    exec(compile(setup_source(path), str(path), "exec"), {"__name__": "__main__"})
-    print(f"{path.name}: {time.perf_counter() - start:.1f} s", flush=True)
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "code" or cell.source.startswith("# NBVAL_SKIP"):
+            continue
+        check = cell.source.startswith("# Check (exercise ")
+        code = compile(cell.source, f"{path.name}", "single" if check else "exec")
+        if check:
+            sys.displayhook = lambda value: print(f"{path.name}: {value!r}", flush=True)
+        exec(code, namespace)
+    print(f"{path.name}: ran in {time.perf_counter() - start:.1f} s", flush=True)
 """
 
 
-def run_setups(paths: list[Path], threads: int | None = None, timeout: int = 600
+def run_copies(paths: list[Path], threads: int | None = None, timeout: int = 900
                ) -> subprocess.CompletedProcess:
-    """Run the setup code of several copies one after another in ONE fresh Python process (each
-    in its own namespace, from its folder): cheaper than a kernel per copy, since the imports the
-    copies share load once. ``returncode`` 0 when every one ran."""
+    """Run student copies whole, TODO cells as they are (comments), one after another in ONE
+    fresh Python process (each in its own namespace, from its folder; the imports the copies
+    share load once), printing ``<copy>: <verdict>`` for every check cell and
+    ``<copy>: ran in S s`` at each copy's end. ``returncode`` 0 when every cell ran.
+
+    The environment is ``kernel_env()`` (CPU only, progress bars off, fixed hash seed, 2
+    threads as ``make notebooks`` uses); ``threads`` overrides the thread count.
+    """
     env = kernel_env()
     env["MPLBACKEND"] = "Agg"
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return subprocess.run([sys.executable, "-c", _RUN_SETUPS, *map(str, paths)], env=env,
+    return subprocess.run([sys.executable, "-c", _RUN_COPIES, *map(str, paths)], env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def execute_until_todo(path: Path, threads: int | None = None, timeout: int = 600) -> float:
-    """Run a student copy's cells before its first TODO cell in a fresh kernel; seconds taken.
-
-    The kernel gets ``reprod.notebooks.kernel_env()`` (CPU only, progress bars off, fixed hash
-    seed, 2 threads as ``make notebooks`` uses); ``threads`` overrides the thread count (the
-    tests pass the test session's). Raises ``nbclient`` 's ``CellExecutionError`` on an error.
-    """
-    nb = nbformat.read(path, as_version=4)
-    nb.cells = nb.cells[:todo_cell_index(nb)]
-    env = kernel_env()
-    if threads is not None:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return run_in_kernel(nb, path.parent, timeout, env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true",
                       help="exit 1 if a committed copy differs from what would be generated")
     mode.add_argument("--execute", action="store_true",
-                      help="run each copy up to its first TODO cell in a fresh kernel, timed")
+                      help="run each copy whole with its TODOs as they are: every check's verdict")
     args = ap.parse_args(argv)
     try:
         if args.check:
@@ -355,19 +396,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{len(all_solutions())} student copies are fresh")
             return 1 if bad else 0
         if args.execute:
-            total, missing = 0.0, 0
-            for sol in all_solutions():
-                path = student_path(sol)
-                if not path.exists():
-                    print(f"MISSING {_rel(path)}: run `make students` first")
-                    missing += 1
-                    continue
-                print(f"executing {_rel(path)} up to its first TODO ...", flush=True)
-                seconds = execute_until_todo(path)
-                total += seconds
-                print(f"  {seconds:.1f} s", flush=True)
-            print(f"total {total:.1f} s")
-            return 1 if missing else 0
+            paths = [student_path(sol) for sol in all_solutions()]
+            missing = [p for p in paths if not p.exists()]
+            for p in missing:
+                print(f"MISSING {_rel(p)}: run `make students` first")
+            done = run_copies([p for p in paths if p.exists()])
+            print(done.stdout, end="")
+            if done.returncode:
+                print(done.stderr[-3000:], file=sys.stderr)
+            return 1 if missing or done.returncode else 0
         for p in write_all():
             print(f"wrote {_rel(p)}")
         return 0
