@@ -378,16 +378,17 @@ def domain_table(results: Mapping[str, Mapping[str, float]], digits: int = 1,
     averaged = [d for d in domains if d != source] if source in domains else domains
     header = "targets' mean" if len(averaged) < len(domains) else "mean"
     with_mean = len(domains) > 1 and bool(averaged)
-    width = max(9, *(len(d) + 1 for d in domains), len(header) + 1 if with_mean else 0)
+    width = max(9, *(len(d) + 1 for d in domains))
+    mean_w = max(width, len(header) + 1)
     name_w = max(12, *(len(m) + 1 for m in results))
     lines = [f"{'model':<{name_w}}" + "".join(f"{d:>{width}}" for d in domains)
-             + (f"{header:>{width}}" if with_mean else "")]
+             + (f"{header:>{mean_w}}" if with_mean else "")]
     for model_name, res in results.items():
         vals = {d: 100 * res[d] for d in domains}
         mean = sum(vals[d] for d in averaged) / len(averaged) if with_mean else None
         lines.append(f"{model_name:<{name_w}}" + "".join(f"{v:>{width}.{digits}f}"
                                                          for v in vals.values())
-                     + (f"{mean:>{width}.{digits}f}" if with_mean else ""))
+                     + (f"{mean:>{mean_w}.{digits}f}" if with_mean else ""))
     return "\n".join(lines)
 
 
