@@ -11,7 +11,8 @@ The site is Sphinx with MyST-NB (configuration in ``site/``). The sources are st
 - ``notebooks/NN_*.ipynb`` are the lessons, in file-name order, each with a links bar under its
   title (its solutions page, the notebook and its student copy as downloads, Colab);
 - ``notebooks/solutions/NN_*_solutions.ipynb`` are the solutions pages, each linking back to its
-  lesson; ``notebooks/students/`` are offered as downloads only (their exercises are TODO cells with self-checks);
+  lesson; ``notebooks/students/`` are offered as downloads only (their exercises are TODO cells
+  with self-checks);
 - ``docs/*.md`` are pages (the syllabus first, then by name), and the README is a page too;
 - ``site/index.md`` is the front page; the lessons table and the navigation are written into it;
 - local images that these pages show (``notebooks/assets/diagrams/*.svg``, the lessons'
