@@ -24,8 +24,8 @@ __all__ = [
     "hardware",
     "lessons_digest",
     "lessons_imports",
-    "module_files",
     "module_closure",
+    "module_files",
     "seed_everything",
     "set_threads",
 ]
