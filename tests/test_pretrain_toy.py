@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lessons import toyworld as tw
+from reprod.toy import resumable
 from reprod.toy.pretrain import (
     DINOHead,
     VFMConfig,
@@ -189,3 +190,23 @@ def test_dense_vicreg_invariance_is_zero_for_matching_embeddings():
     assert parts["inv"] < 1e-10
     _, shuffled = dense_vicreg(z, z.roll(1, 0), grid, grid, valid, valid, (25.0, 25.0, 1.0))
     assert shuffled["inv"] > 1.0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_only_where_it_is_native(tmp_path, monkeypatch, native):
+    """An AVX2-only CPU emulates bfloat16 (27x slower): there the run trains in fp32 and its
+    recorded hardware says so; where bfloat16 is native the loss runs under autocast."""
+    monkeypatch.setattr(resumable, "bf16_autocast_pays", lambda device: native)
+    run = VFMRun(VFMConfig(**(TINY | {"steps": 1})), tmp_path)
+    seen = []
+    loss = run.loss
+    monkeypatch.setattr(run, "loss", lambda step: (seen.append(torch.is_autocast_enabled("cpu")),
+                                                   loss(step))[1])
+    run.train_chunk(minutes=5)
+    assert seen == [native]
+    assert run.trained_on.endswith("bf16 autocast" if native else "fp32")
+
+
+def test_bf16_autocast_pays_answers_for_this_machine():
+    assert isinstance(resumable.bf16_autocast_pays(torch.device("cpu")), bool)
+    assert resumable.bf16_autocast_pays(torch.device("meta")) is False

@@ -66,7 +66,7 @@ class DiffusionConfig:
     ema: float = 0.995
     painted_fraction: float = 0.2     # images in the painted style (outside the VFM's data)
     grad_clip: float = 1.0
-    bf16: bool = True                 # autocast matmuls to bfloat16 (AMX CPUs, GPUs)
+    bf16: bool = True                 # bfloat16 autocast where native (bf16_autocast_pays)
     seed: int = 0
     toyworld_version: str = field(default=tw.TOYWORLD_VERSION)
 
@@ -203,7 +203,7 @@ def write_card(run: DiffusionRun, measured: dict | None, weights: Path) -> Path:
         "The DDPM noise-prediction loss (`python -m reprod.toy.pretrain diffusion`); no labels.",
         "The weights are the EMA of the trained network.", "",
         f"- steps: {run.step} of {run.cfg.steps}, batch {run.cfg.batch_size}, lr {run.cfg.lr},"
-        f" EMA {run.cfg.ema}, bf16 autocast {run.cfg.bf16}",
+        f" EMA {run.cfg.ema}, bf16 autocast where native {run.cfg.bf16}",
         f"- wall time: {run.seconds / 60:.1f} min on {facts['hardware']}",
         f"- seed: {run.cfg.seed}; ToyWorld {run.cfg.toyworld_version}; sha256 "
         f"{facts['sha256'][:16]}...",

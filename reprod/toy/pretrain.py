@@ -57,7 +57,9 @@ NCE must tell them apart).
 Training state (student, teacher, heads, optimizer, centres, step) is saved atomically under
 ``--run-dir`` at the end of every chunk; the batch of step ``i`` is drawn from seeds derived from
 ``(seed, i)``, so a resumed run sees exactly the data an unbroken one would. Matmuls run in
-bfloat16 autocast (``bf16``): 1.6x faster on this AMX CPU.
+bfloat16 autocast where it is native (``bf16``; ``resumable.bf16_autocast_pays``): 1.6x faster
+on an AMX Xeon; an AVX2-only CPU trains in fp32 instead (emulated bfloat16 made a step 27x
+slower there).
 
 Dimension glossary: B batch (pairs), C width, N tokens, M masked patches, K prototypes.
 """
@@ -141,7 +143,7 @@ class VFMConfig:
     nce_temp: float = 0.2
     vicreg_weights: tuple[float, float, float] = (25.0, 25.0, 1.0)   # invariance, variance, cov.
     expander_dim: int = 512
-    bf16: bool = True                 # autocast matmuls to bfloat16 (AMX CPUs, GPUs)
+    bf16: bool = True                 # bfloat16 autocast where native (bf16_autocast_pays)
     seed: int = 0
     toyworld_version: str = field(default=tw.TOYWORLD_VERSION)
 
@@ -627,7 +629,7 @@ def write_card(run: VFMRun, probe: dict | None, weights: Path) -> Path:
         f"`{run.cfg.objective}`: {OBJECTIVE_TEXT[run.cfg.objective]}. The weights are the EMA "
         "of the trained network.", "",
         f"- steps: {run.step} of {run.cfg.steps}, batch {run.cfg.batch_size} scene pairs, lr "
-        f"{run.cfg.lr}, bf16 autocast {run.cfg.bf16}",
+        f"{run.cfg.lr}, bf16 autocast where native {run.cfg.bf16}",
         f"- wall time: {run.seconds / 60:.1f} min on {facts['hardware']}",
         f"- seed: {run.cfg.seed}; ToyWorld {run.cfg.toyworld_version}; sha256 "
         f"{facts['sha256'][:16]}...",

@@ -60,7 +60,7 @@ class VLMConfig:
     regions: int = 3                  # captioned boxes per whole view (the region term)
     region_weight: float = 1.0
     grad_clip: float = 1.0
-    bf16: bool = True                 # autocast matmuls to bfloat16 (AMX CPUs, GPUs)
+    bf16: bool = True                 # bfloat16 autocast where native (bf16_autocast_pays)
     seed: int = 0
     toyworld_version: str = field(default=tw.TOYWORLD_VERSION)
 
