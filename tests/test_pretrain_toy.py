@@ -200,8 +200,8 @@ def test_bf16_autocast_only_where_it_is_native(tmp_path, monkeypatch, native):
     run = VFMRun(VFMConfig(**(TINY | {"steps": 1})), tmp_path)
     seen = []
     loss = run.loss
-    monkeypatch.setattr(run, "loss", lambda step: (seen.append(torch.is_autocast_enabled("cpu")),
-                                                   loss(step))[1])
+    monkeypatch.setattr(run, "loss", lambda step, batch: (
+        seen.append(torch.is_autocast_enabled("cpu")), loss(step, batch))[1])
     run.train_chunk(minutes=5)
     assert seen == [native]
     assert run.trained_on.endswith("bf16 autocast" if native else "fp32")
@@ -210,3 +210,29 @@ def test_bf16_autocast_only_where_it_is_native(tmp_path, monkeypatch, native):
 def test_bf16_autocast_pays_answers_for_this_machine():
     assert isinstance(resumable.bf16_autocast_pays(torch.device("cpu")), bool)
     assert resumable.bf16_autocast_pays(torch.device("meta")) is False
+
+
+def test_data_workers_draw_the_same_batches_so_the_same_weights(tmp_path):
+    """Batches drawn ahead by a data process (the GPU path) are the batches drawn in line."""
+    runs = []
+    for workers in (0, 1):
+        run = VFMRun(VFMConfig(**(TINY | {"steps": 2, "bf16": False})), tmp_path / str(workers))
+        run.train_chunk(minutes=5, workers=workers)
+        runs.append(run)
+    assert runs[1].step == 2
+    for a, b in zip(runs[0].student.parameters(), runs[1].student.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_step_batches_are_in_step_order_and_refuse_negative_workers():
+    assert list(resumable.step_batches(lambda s: s * 10, 3, 6)) == [30, 40, 50]
+    with pytest.raises(ValueError, match="workers"):
+        resumable.step_batches(lambda s: s, 0, 1, workers=-1)
+
+
+def test_pretrain_refuses_negative_workers(capsys):
+    from reprod.toy.pretrain import main
+
+    with pytest.raises(SystemExit):
+        main(["vfm", "--workers", "-1"])
+    assert "--workers must be >= 0" in capsys.readouterr().err

@@ -129,7 +129,7 @@ class TinyRun(ResumableRun):
         self.model = nn.Linear(2, 1)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
 
-    def loss(self, step):
+    def loss(self, step, batch):
         return self.model(torch.ones(1, 2)).pow(2).sum(), {}
 
 

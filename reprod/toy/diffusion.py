@@ -26,7 +26,9 @@ Dimension glossary: B batch, H W image size (64x128 for the U-Net).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +102,11 @@ class DiffusionRun(ResumableRun):
     def state_modules(self) -> dict:
         return {"model": self.model, "ema": self.ema, "opt": self.opt}
 
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x = 2 * make_batch(step, self.cfg) - 1                                  # (B, 3, H, W)
+    def data(self) -> Callable[[int], torch.Tensor]:
+        return partial(make_batch, cfg=self.cfg)
+
+    def loss(self, step: int, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = 2 * batch - 1                                  # (B, 3, H, W)
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         noise = torch.randn(x.shape, generator=g)                             # on the CPU, so
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x.shape[0],),

@@ -6,7 +6,8 @@
     python -m reprod.toy.pretrain vlm --until-done           # the toy CLIP (reprod.toy.vlm)
     python -m reprod.toy.pretrain diffusion --until-done     # QueryDiff's toy DDPM
                                                              # (reprod.toy.diffusion)
-    ... --device cuda                                        # on a GPU (bf16 autocast)
+    ... --device cuda                                        # on a GPU (bf16 autocast),
+                                                             # batches drawn by data workers
 
 Every model learns from ToyWorld's ``web`` world, the pretraining world that is not the
 benchmark: broad content in covered families or random looks (``lessons.toyworld``; never the
@@ -69,7 +70,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +97,7 @@ __all__ = [
     "VFMRun",
     "at_corresponding",
     "correspondence",
+    "default_workers",
     "dense_nce",
     "dense_vicreg",
     "main",
@@ -566,8 +571,12 @@ class VFMRun(ResumableRun):
         return {"student": self.student, "teacher": self.teacher, "opt": self.opt,
                 "centers": self.centers}
 
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = tuple(t.to(self.device) for t in make_batch(step, self.cfg))
+    def data(self) -> Callable[[int], tuple[torch.Tensor, ...]]:
+        return partial(make_batch, cfg=self.cfg)
+
+    def loss(self, step: int, batch: tuple[torch.Tensor, ...]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = tuple(t.to(self.device) for t in batch)
         return ssl_losses(self.student, self.teacher, batch, self.centers, self.cfg, step)
 
     @torch.no_grad()
@@ -663,7 +672,12 @@ def _main(argv: list[str] | None) -> int:
                     help="where --export writes (default: lessons/weights/<bundle weights>)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data processes rendering batches ahead (default: 0 on the CPU, all "
+                         "cores but one up to 15 on a GPU); the same batches either way")
     args = ap.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        ap.error(f"--workers must be >= 0, got {args.workers}")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or RUN_DIR / args.model
@@ -697,12 +711,19 @@ def _main(argv: list[str] | None) -> int:
         if args.card:
             print(f"wrote {_measure_and_card(run, path)}", flush=True)
         return 0
+    workers = args.workers if args.workers is not None else default_workers(run.device)
     while True:
-        run.train_chunk(args.chunk_minutes)
+        run.train_chunk(args.chunk_minutes, workers=workers)
         print(f"saved {run.ckpt} at step {run.step} ({run.seconds / 60:.1f} min in all)",
               flush=True)
         if run.step >= run.cfg.steps or not args.until_done:
             return 0
+
+
+def default_workers(device: torch.device) -> int:
+    """Data workers for a run on ``device``: none on the CPU (its cores train the model), all
+    cores but one, up to 15, on a GPU (there the renderer is the bottleneck of a toy step)."""
+    return 0 if device.type == "cpu" else max(min((os.cpu_count() or 1) - 1, 15), 0)
 
 
 def _measure_and_card(run: ResumableRun, weights: Path) -> Path:

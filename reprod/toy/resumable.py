@@ -2,11 +2,13 @@
 
 The toy models are pretrained in chunks of under ten minutes so a run can be split across short
 GPU jobs or a laptop's coffee breaks. A subclass says what its state is (``state_modules``), how
-one step's loss is computed (``loss``) and what happens after an optimizer step (``after_step``,
-e.g. an EMA teacher); this class owns the learning-rate schedule, the chunked loop, the logging
-and the atomic save / checked load (a state that is not weights-only, truncated or damaged is a
-ValueError naming the file). The batch of step ``i`` must depend only on ``(seed, i)``, so
-a resumed run sees exactly the data an unbroken one would.
+a step's batch is drawn (``data``), how one step's loss is computed from it (``loss``) and what
+happens after an optimizer step (``after_step``, e.g. an EMA teacher); this class owns the
+learning-rate schedule, the chunked loop (its batches drawn ahead by data workers if asked), the
+logging and the atomic save / checked load (a state that is not weights-only, truncated or
+damaged is a ValueError naming the file). The batch of step ``i`` must depend only on
+``(seed, i)``, so a resumed run sees exactly the data an unbroken one would, with or without
+workers.
 
 ``bf16`` in a config means bfloat16 autocast *where the hardware has it natively* (a GPU, or a
 CPU with AVX512-BF16 or AMX, as oneDNN reports): 1.6x faster on an AMX Xeon. A CPU with AVX2
@@ -20,19 +22,22 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lessons import toyworld as tw
 from lessons.utils import hardware
 from reprod.safe_io import load_weights_only
 
 __all__ = [
     "ResumableRun", "bf16_autocast_pays", "card_facts", "cosine_lr", "data_lines", "gate_section",
-    "sha256", "write_card_files",
+    "no_data", "sha256", "step_batches", "write_card_files",
 ]
 
 
@@ -105,7 +110,13 @@ class ResumableRun:
         """Everything with a ``state_dict`` (or plain tensors / dicts of them) to save."""
         return {"model": self.model, "opt": self.opt}
 
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def data(self) -> Callable[[int], Any]:
+        """Step -> that step's batch on the CPU, a function of ``(seed, step)`` only; picklable
+        (a module-level function with the config bound), so data workers can draw it."""
+        return no_data
+
+    def loss(self, step: int, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss on its batch (from :meth:`data`) and the parts to log."""
         raise NotImplementedError
 
     def after_step(self, step: int) -> None:
@@ -150,21 +161,28 @@ class ResumableRun:
     def _restore(self, key: str, value: Any) -> None:
         setattr(self, key, value)
 
-    def train_chunk(self, minutes: float, log_every: int = 25, stop_at: int | None = None
-                    ) -> None:
-        """Train until the run is done (or at step ``stop_at``) or ``minutes`` have passed; save."""
+    def train_chunk(self, minutes: float, log_every: int = 25, stop_at: int | None = None,
+                    workers: int = 0) -> None:
+        """Train until the run is done (or at step ``stop_at``) or ``minutes`` have passed; save.
+
+        ``workers`` > 0 draws the batches ahead in that many data processes (:func:`step_batches`):
+        the same batches, so the same weights, as ``workers=0``; on a GPU the renderer, not the
+        model, is the bottleneck of a toy step."""
         cfg, start = self.cfg, time.perf_counter()
         bf16 = bool(cfg.bf16) and bf16_autocast_pays(self.device)
         self.trained_on = f"{hardware(self.device)}, {'bf16 autocast' if bf16 else 'fp32'}"
         device = self.device.type
         last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.model.train()
-        while self.step < last and time.perf_counter() - start < 60 * minutes:
+        batches = step_batches(self.data(), self.step, last, workers)
+        for batch in batches:
+            if time.perf_counter() - start >= 60 * minutes:
+                break
             for group in self.opt.param_groups:
                 group["lr"] = cosine_lr(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps,
                                         cfg.steps)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss, parts = self.loss(self.step)
+                loss, parts = self.loss(self.step, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {self.step}: {parts}")
             self.opt.zero_grad(set_to_none=True)
@@ -177,8 +195,48 @@ class ResumableRun:
                 self.log.append({"step": self.step, "loss": loss.item(), **parts})
                 print(f"step {self.step}/{cfg.steps} loss {loss.item():.3f} "
                       + " ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
+        del batches                                      # stops the data workers, if any
         self.seconds += time.perf_counter() - start
         self.save()
+
+
+def no_data(step: int) -> None:
+    """The data of a run whose ``loss`` draws nothing (tests' tiny runs)."""
+    return None
+
+
+class _StepData(torch.utils.data.Dataset):
+    """Steps ``first .. last - 1`` as a map-style dataset: item ``i`` is step ``first + i``'s
+    batch."""
+
+    def __init__(self, make: Callable[[int], Any], first: int, last: int):
+        self.make, self.first, self.last = make, first, last
+
+    def __len__(self) -> int:
+        return max(self.last - self.first, 0)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.make(self.first + i)
+
+
+def _enter_world(world: str, worker_id: int) -> None:
+    tw.use_world(world)            # a data worker renders in the world its parent trains in
+
+
+def step_batches(make: Callable[[int], Any], first: int, last: int, workers: int = 0
+                 ) -> Iterator[Any]:
+    """The batches of steps ``first .. last - 1`` in order: drawn here (``workers=0``), or ahead
+    in ``workers`` processes by a ``DataLoader`` (``make`` must then be picklable: a module-level
+    function of the step and the config). Each batch depends only on its step, so both give the
+    same data; stopping early (a chunk's time is up) just drops the iterator."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0:
+        return (make(step) for step in range(first, last))
+    loader = torch.utils.data.DataLoader(
+        _StepData(make, first, last), batch_size=None, shuffle=False, num_workers=workers,
+        prefetch_factor=4, worker_init_fn=partial(_enter_world, tw.current_world()))
+    return iter(loader)
 
 
 def data_lines(what: str, teacher: bool = False) -> list[str]:

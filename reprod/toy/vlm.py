@@ -26,7 +26,9 @@ H W image size, h w token grid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +144,11 @@ class VLMRun(ResumableRun):
         self.encoder = Encoder(get_bundle("toy_vlm"), self.model)      # the tower, block by block
         self.tokenizer = default_tokenizer(self.model.context_length)
 
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        batch, enc, B = make_batch(step, self.cfg), self.encoder, self.cfg.batch_size
+    def data(self) -> Callable[[int], Batch]:
+        return partial(make_batch, cfg=self.cfg)
+
+    def loss(self, step: int, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        enc, B = self.encoder, self.cfg.batch_size
         images = enc.normalize(batch.images.to(self.device))
         _, before_last, grid = enc.forward_tokens(images, blocks=enc.depth - 1)   # (B, N, C)
         img = enc.project(enc.block(enc.depth - 1, before_last, grid))           # (B, D)
