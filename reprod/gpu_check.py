@@ -12,19 +12,23 @@ step would not fit the time budget:
 1. ``detect``: the GPU, its memory, torch and CUDA versions;
 2. ``wheels``: installs the carried wheels the bare machine lacks (``--wheels``: open_clip_torch,
    diffusers, ftfy, ...; ``make gpu-carry`` downloads them); the repository runs from its root;
-3. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
+3. ``world2_vfm``: the next try of world 2's toy VFM (``reprod.toy.regenerate vfm``: vfm-2's
+   recipe at 7,200 steps in bf16 with data workers, its fp16 weights, gates G1 and G2, recorded as
+   a try; everything under ``OUT/world2``). It comes first because world 2's gates block the
+   course's next lessons and two CPU cores cannot give this pretraining in one session;
+4. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
    carried sdist (``reprod.install_mamba_ssm --sdist``); skipped when it already imports;
-4. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
+5. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
    CUDA);
-5. ``scan``: the selective scan on the GPU, the fused kernel against ``lessons.ssm``'s pure-PyTorch
+6. ``scan``: the selective scan on the GPU, the fused kernel against ``lessons.ssm``'s pure-PyTorch
    chunked scan, forward and forward + backward, with the maximum difference;
-6. ``step_bf16``: ``reprod.bench step`` for every real-scale config in bf16 at 512², batch 2,
+7. ``step_bf16``: ``reprod.bench step`` for every real-scale config in bf16 at 512², batch 2,
    random weights (MFuser first: its targets are <= 24 GB at batch 2 and 20k steps within an hour
    on one H100);
-7. ``fusion``: MVFuser against self-attention at width 1024 from 1k to 16k tokens;
-8. ``ddp``: a DDP smoke run with NCCL at world size 1 (``torchrun -m reprod.train toy_rein``);
-9. ``toy_sweep``: a few toy-sweep runs on CUDA with their images / s;
-10. ``step_fp32``: the Rein and MFuser rows again in fp32.
+8. ``fusion``: MVFuser against self-attention at width 1024 from 1k to 16k tokens;
+9. ``ddp``: a DDP smoke run with NCCL at world size 1 (``torchrun -m reprod.train toy_rein``);
+10. ``toy_sweep``: a few toy-sweep runs on CUDA with their images / s;
+11. ``step_fp32``: the Rein and MFuser rows again in fp32.
 
 Each step runs as its own process with a time limit, and its result is appended, as it finishes,
 to ``runs/gpu_check/report.json`` and ``report.md`` (``--out``). Standing order: whenever a GPU is
@@ -76,6 +80,9 @@ STEPS: tuple[Step, ...] = (
     Step("wheels", "{py} -m pip install -q --no-index --no-deps {wheels}/*.whl", 40,
          "--wheels: a folder of carried wheels (make gpu-carry fills .whl/)",
          optional=True),
+    Step("world2_vfm", "{py} -m reprod.toy.regenerate vfm --device cuda --vfm-steps 7200 "
+         "--out {out}/world2 --describe \"vfm-2's recipe (dense VICReg, one view masked) at "
+         "twice the steps, on a GPU\"", 360, "timm, safetensors (carried wheels)", limit_s=540),
     Step("mamba_ssm", "{py} -m reprod.install_mamba_ssm --sdist {sdist}", 180,
          "--sdist: mamba-ssm's source archive, nvcc", limit_s=420, optional=True),
     Step("pytest_gpu", "{py} -m pytest -m gpu -q -o addopts= tests",
@@ -149,9 +156,9 @@ def _append(out: Path, record: dict) -> None:
 
 def _figures(step: Step, out: Path) -> object:
     """The JSON a step wrote, if any (bench rows, scan rows, detection)."""
-    files = {"detect": "detect.json", "scan": "scan.json", "step_bf16": "step_bf16.json",
-             "fusion": "fusion.json", "toy_sweep": "toy_sweep/toy_sweep.json",
-             "step_fp32": "step_fp32.json"}
+    files = {"detect": "detect.json", "world2_vfm": "world2/gates.json", "scan": "scan.json",
+             "step_bf16": "step_bf16.json", "fusion": "fusion.json",
+             "toy_sweep": "toy_sweep/toy_sweep.json", "step_fp32": "step_fp32.json"}
     path = out / files.get(step.name, "-")
     if path.is_file():
         try:

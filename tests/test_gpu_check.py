@@ -24,7 +24,11 @@ def test_dry_run_prints_every_step_with_its_time_and_needs(capsys):
     assert "beyond the budget" in text            # the plan is longer than nine minutes
     finishes = [finish for _, finish in gc.plan(9)]
     assert finishes == sorted(finishes)
-    assert [s.name for s in gc.STEPS][:4] == ["detect", "wheels", "mamba_ssm", "pytest_gpu"]
+    assert [s.name for s in gc.STEPS][:5] == ["detect", "wheels", "world2_vfm", "mamba_ssm",
+                                              "pytest_gpu"]
+    world2 = next(s for s in gc.STEPS if s.name == "world2_vfm")
+    assert "reprod.toy.regenerate vfm --device cuda --vfm-steps 7200" in world2.command
+    assert world2.limit_s < 600                     # one device command runs at most 10 minutes
 
 
 def test_the_runner_reports_each_step_and_stops_at_the_budget(tmp_path, monkeypatch):

@@ -60,10 +60,10 @@ from lessons.train import TrainConfig, evaluate, evaluate_domains, train
 from lessons.utils import seed_everything
 
 __all__ = [
-    "GATES", "GATES_FILE", "THRESHOLDS", "TRIES_FILE", "check_probes", "check_scratch",
-    "check_teacher", "check_vlm", "domains_table", "gate_lines", "invariance", "main", "measure",
-    "probe_results", "probe_table", "record_try", "scratch_results", "teacher_results",
-    "tries_table", "vlm_results",
+    "GATES", "GATES_FILE", "THRESHOLDS", "TRIES_FILE", "TRY_PREFIX", "check_probes",
+    "check_scratch", "check_teacher", "check_vlm", "domains_table", "gate_lines", "invariance",
+    "last_try", "main", "measure", "next_try_name", "probe_results", "probe_table", "record_try",
+    "scratch_results", "teacher_results", "tries_table", "vlm_results",
 ]
 
 GATES_FILE = WEIGHTS_DIR / "gates.json"
@@ -233,8 +233,11 @@ def check_teacher(r: dict) -> dict:
 # All of them
 # ----------------------------------------------------------------------------------------------
 def measure(gates: Sequence[str] = GATES, small: bool = False,
-            weights: Path = WEIGHTS_DIR) -> dict:
-    """Measure ``gates``; returns {"results": raw measurements, "gates": verdicts, ...}."""
+            weights: Path = WEIGHTS_DIR, recorded: Path = GATES_FILE) -> dict:
+    """Measure ``gates``; returns {"results": raw measurements, "gates": verdicts, ...}.
+
+    G5 compares the teacher with the student's probe on ``painted``: the probes measured here,
+    else those recorded in ``recorded``, else the last VFM try's in ``TRIES_FILE``."""
     results, verdicts, seconds = {}, {}, {}
     steps = [("G1", "G2"), ("G3",), ("G4",), ("G5",)]
     for group in steps:
@@ -251,9 +254,13 @@ def measure(gates: Sequence[str] = GATES, small: bool = False,
             results["vlm"] = vlm_results(weights / "toy_vlm.safetensors", small)
             verdicts |= check_vlm(results["vlm"])
         else:
-            probes = results.get("probes") or _recorded("probes")
+            probes, student = results.get("probes"), "measured with it"
+            if probes is None and _recorded("probes", recorded):
+                probes, student = _recorded("probes", recorded), str(recorded)
+            if probes is None and (last := last_try("vfm")) is not None:
+                probes, student = last["results"].get("probes"), f"try {last['name']}"
             results["teacher"] = teacher_results(weights / "toy_diffusion.safetensors", probes,
-                                                 small)
+                                                 small) | {"student_from": student}
             verdicts |= check_teacher(results["teacher"])
         seconds["+".join(group)] = round(time.perf_counter() - start, 1)
     from reprod.toy.resumable import sha256
@@ -327,6 +334,27 @@ def record_try(measured: dict, name: str, describe: str, run_dir: Path | None = 
     return entry
 
 
+TRY_PREFIX = {"vfm": "vfm", "vlm": "vlm", "diffusion": "teacher"}
+"""The name of a model's tries: ``vfm-3``, ``vlm-1``, ``teacher-1``."""
+
+
+def _model_of(entry: dict) -> str:
+    prefix = entry["name"].rsplit("-", 1)[0]
+    return next((m for m, p in TRY_PREFIX.items() if p == prefix), "vfm")
+
+
+def next_try_name(model: str, tries_file: Path = TRIES_FILE) -> str:
+    """The name the next try of ``model`` gets: its prefix and one more than its tries so far."""
+    tries = json.loads(tries_file.read_text())["tries"] if tries_file.is_file() else []
+    return f"{TRY_PREFIX[model]}-{sum(_model_of(t) == model for t in tries) + 1}"
+
+
+def last_try(model: str, tries_file: Path = TRIES_FILE) -> dict | None:
+    """The latest recorded try of ``model`` (``vfm``, ``vlm``, ``diffusion``), or None."""
+    tries = json.loads(tries_file.read_text())["tries"] if tries_file.is_file() else []
+    return next((t for t in reversed(tries) if _model_of(t) == model), None)
+
+
 def _cell(v: dict | None, keys: tuple[str, str, str]) -> str:
     if v is None:
         return "not measured"
@@ -334,17 +362,56 @@ def _cell(v: dict | None, keys: tuple[str, str, str]) -> str:
     return f"{a:.1f} / {b:.1f} / **{margin:+.1f}** {'✓' if v['passed'] else '✗'}"
 
 
+def _when(t: dict) -> str:
+    pre = t.get("pretraining")
+    return (f"{pre['steps_done']:,} steps, {pre['minutes']:.0f} min on {pre['hardware']}"
+            if pre else "")
+
+
+def _mark(v: dict) -> str:
+    return "✓" if v["passed"] else "✗"
+
+
 def tries_table(tries: dict) -> str:
-    """The tries as a markdown table: per gate, its two figures and their margin (✓ passed)."""
+    """The tries as markdown tables, one per model: the VFM's G1 / G2 (and G3, the world's)
+    with their two figures and margin, the VLM's G4 and the teacher's G5 figures (✓ passed)."""
+    tables = [_vfm_table([t for t in tries["tries"] if _model_of(t) == "vfm"])]
+    vlm = [t for t in tries["tries"] if _model_of(t) == "vlm"]
+    if vlm:
+        n = {k: THRESHOLDS[f"G4_{k}"] for k in ("source", "targets", "crops", "held_out")}
+        rows = [f"| try | pretraining | MaskCLIP source (≥ {n['source']}) | MaskCLIP targets' "
+                f"mean (≥ {n['targets']}) | crops top-1 % (≥ {n['crops']}) | held-out class "
+                f"IoU, source (≥ {n['held_out']}) | G4 |", "|---|---|---|---|---|---|---|"]
+        for t in vlm:
+            g = t["gates"]["G4"]
+            rows.append(f"| {t['name']}: {t['describe']} | {_when(t)} | "
+                        f"{g['maskclip_source']:.1f} | {g['maskclip_targets']:.1f} | "
+                        f"{g['crop_top1']:.1f} | {g['held_out_iou_source']:.1f} "
+                        f"(`{g['held_out_class']}`) | {_mark(g)} |")
+        tables.append("\n".join(rows))
+    teacher = [t for t in tries["tries"] if _model_of(t) == "diffusion"]
+    if teacher:
+        rows = ["| try | pretraining | cosine across looks, weak / strong noise (strong > weak) "
+                "| layout probe on `painted`, teacher / student (teacher > student) | G5 |",
+                "|---|---|---|---|---|"]
+        for t in teacher:
+            g, r = t["gates"]["G5"], t["results"]["teacher"]
+            student = ("not measured" if g["student_probe_painted"] is None else
+                       f"{g['student_probe_painted']:.1f} ({r.get('student_from', '')})")
+            rows.append(f"| {t['name']}: {t['describe']} | {_when(t)} | {g['cosine_weak']:.3f} "
+                        f"/ {g['cosine_strong']:.3f} | {g['teacher_probe_painted']:.1f} / "
+                        f"{student} | {_mark(g)} |")
+        tables.append("\n".join(rows))
+    return "\n\n".join(tables)
+
+
+def _vfm_table(tries: list[dict]) -> str:
     needs = {g: THRESHOLDS.get(g) for g in ("G1", "G2", "G3")}
     rows = ["| try | pretraining | G1 VFM / random-init / margin (≥ +{}) | G2 own labels / source "
             "/ margin (≥ +{}) | G3 source / targets / drop (≥ {}) |".format(
                 *(needs[g] for g in ("G1", "G2", "G3"))),
             "|---|---|---|---|---|"]
-    for t in tries["tries"]:
-        pre = t.get("pretraining")
-        when = (f"{pre['steps_done']:,} steps, {pre['minutes']:.0f} min on {pre['hardware']}"
-                if pre else "")
+    for t in tries:
         g = t["gates"]
         g3 = g.get("G3")
         g3_cell = ("not measured" if g3 is None else
@@ -352,13 +419,18 @@ def tries_table(tries: dict) -> str:
                    f"{'✓' if g3['passed'] else '✗'}")
         g1 = _cell(g.get("G1"), ("vfm_targets", "random_init_targets", "margin"))
         g2 = _cell(g.get("G2"), ("own_labels_targets", "source_trained_targets", "margin"))
-        rows.append(f"| {t['name']}: {t['describe']} | {when} | {g1} | {g2} | {g3_cell} |")
+        rows.append(f"| {t['name']}: {t['describe']} | {_when(t)} | {g1} | {g2} | {g3_cell} |")
     return "\n".join(rows)
 
 
 def domains_table(entry: dict) -> str:
-    """One try's G1 / G2 / G3 rows per domain (mIoU %), as docs/toyworld.md shows them."""
+    """One try's rows per domain (mIoU %; the VFM's G1 / G2 / G3 probes, or the VLM's
+    MaskCLIP zero-shot and its held-out class's IoU), as docs/toyworld.md shows them."""
     rows = {**entry["results"].get("probes", {}), **entry["results"].get("scratch", {})}
+    if "vlm" in entry["results"]:
+        vlm = entry["results"]["vlm"]
+        rows |= {"toy VLM, MaskCLIP zero-shot": vlm["maskclip_miou"],
+                 f"its IoU of the held-out class ({HELD_OUT_CLASS})": vlm["held_out_iou"]}
     domains = [tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS]
     out = [f"| {entry['name']} | {' | '.join(domains)} | targets' mean |",
            "|---" * (len(domains) + 2) + "|"]
@@ -391,7 +463,8 @@ def _main(argv: list[str] | None) -> int:
         if not TRIES_FILE.is_file():
             raise SystemExit(f"error: no tries recorded yet ({TRIES_FILE} does not exist)")
         tries = json.loads(TRIES_FILE.read_text())
-        print(tries_table(tries), domains_table(tries["tries"][-1]), sep="\n\n")
+        last = [last_try(m) for m in ("vfm", "vlm")]
+        print(tries_table(tries), *(domains_table(t) for t in last if t), sep="\n\n")
         return 0
     if args.record_try:
         if args.from_file is None or not args.from_file.is_file():
@@ -400,7 +473,7 @@ def _main(argv: list[str] | None) -> int:
                            args.describe, args.run_dir)
         print(f"recorded try {entry['name']!r} in {TRIES_FILE}")
         return 0
-    measured = measure(args.gates, args.small, args.weights)
+    measured = measure(args.gates, args.small, args.weights, args.out or GATES_FILE)
     for line in gate_lines(measured["gates"]):
         print(line)
     print(json.dumps(measured["seconds"]))

@@ -1,0 +1,113 @@
+"""World 2's toy foundation models, regenerated and gated in one command.
+
+    python -m reprod.toy.regenerate vfm --device cuda --vfm-steps 7200 --out runs/world2 \\
+        --describe "vfm-2's recipe at twice the steps"          # a GPU machine's minutes
+    python -m reprod.toy.regenerate vlm diffusion --out runs/world2 \\
+        --describe "the first world-2 VLM and teacher"           # a CPU's hours
+    python -m reprod.toy.regenerate vfm vlm diffusion --dry-run  # the plan, nothing run
+
+For each model named, in the order given:
+
+1. pretrain it (``reprod.toy.pretrain``: resumable, its state under ``OUT/<model>``, chunks of
+   under ten minutes; on a GPU in bf16 with data workers drawing the batches);
+2. export its fp16 weights into ``OUT`` (``toy_vfm.safetensors`` ...);
+3. measure its gates (``reprod.toy.gates``; G1 and G2 for the VFM, G4 for the VLM, G5 for the
+   teacher, whose ``painted`` comparison reads the VFM's probes from ``OUT/gates.json`` when the
+   VFM was measured there, else from the last VFM try) into ``OUT/gates.json``;
+4. record that measurement as the model's next try in ``docs/results/toyworld2_gates.json``
+   (``vfm-3``, ``vlm-1``, ``teacher-1``), passed or not, and copy that file into ``OUT`` (a GPU
+   machine hands back only its output folder).
+
+Nothing is copied into ``lessons/weights``: a person reads the gates first, and no method of the
+course runs on world 2 before every gate's figure is recorded. A run that was stopped resumes
+where it stopped when the same command is given again (same ``OUT``, same steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from reprod.toy import gates, pretrain
+
+__all__ = ["GATES_OF", "WEIGHTS_OF", "main", "plan", "regenerate"]
+
+WEIGHTS_OF = {"vfm": "toy_vfm.safetensors", "vlm": "toy_vlm.safetensors",
+              "diffusion": "toy_diffusion.safetensors"}
+GATES_OF = {"vfm": ("G1", "G2"), "vlm": ("G4",), "diffusion": ("G5",)}
+
+
+def plan(model: str, out: Path, device: str | None, steps: int | None,
+         chunk_minutes: float) -> dict[str, list[str]]:
+    """The argument lists of one model's three commands: pretrain, export, gates."""
+    run = ["--run-dir", str(out / model)] + (["--steps", str(steps)] if steps else [])
+    run += ["--device", device] if device else []
+    return {"pretrain": [model, *run, "--until-done", "--chunk-minutes", str(chunk_minutes)],
+            "export": [model, *run, "--export", "--out", str(out / WEIGHTS_OF[model])],
+            "gates": ["--gates", *GATES_OF[model], "--weights", str(out),
+                      "--out", str(out / "gates.json")]}
+
+
+def regenerate(model: str, out: Path, describe: str, device: str | None = None,
+               steps: int | None = None, chunk_minutes: float = 9.0) -> dict:
+    """Pretrain, export, gate and record one model (module docstring); returns its try."""
+    commands = plan(model, out, device, steps, chunk_minutes)
+    start = time.perf_counter()
+    for what in ("pretrain", "export", "gates"):
+        print(f"[regenerate] {model}: {what}", flush=True)
+        main_of = gates.main if what == "gates" else pretrain.main
+        if main_of(commands[what]) != 0:
+            raise SystemExit(f"error: {model}'s {what} step failed")
+    measured = json.loads((out / "gates.json").read_text())
+    measured["gates"] = {g: measured["gates"][g] for g in GATES_OF[model]}
+    keep = {"vfm": ("probes",), "vlm": ("vlm",), "diffusion": ("teacher",)}[model]
+    measured["results"] = {k: measured["results"][k] for k in keep}
+    measured["weights"] = {k: v for k, v in measured["weights"].items() if k == WEIGHTS_OF[model]}
+    measured["seconds"] = {k: v for k, v in measured["seconds"].items()
+                           if set(k.split("+")) <= set(GATES_OF[model])}
+    tries = gates.TRIES_FILE
+    name = gates.next_try_name(model, tries)
+    entry = gates.record_try(measured, name, describe, out / model, tries_file=tries)
+    shutil.copy(tries, out / tries.name)
+    print(f"[regenerate] {model}: recorded try {name!r} ({time.perf_counter() - start:.0f} s)")
+    for line in gates.gate_lines(entry["gates"]):
+        print(f"[regenerate]   {line}")
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m reprod.toy.regenerate",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", choices=list(WEIGHTS_OF),
+                    help="which toy models, in this order")
+    ap.add_argument("--out", type=Path, required=True, help="runs, weights and gates go here")
+    ap.add_argument("--describe", required=True,
+                    help="what these tries are (recorded beside their figures)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--vfm-steps", type=int, default=None,
+                    help="the VFM's pretraining steps (default: its config's)")
+    ap.add_argument("--chunk-minutes", type=float, default=9.0)
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    args = ap.parse_args(argv)
+    if args.vfm_steps is not None and args.vfm_steps <= 0:
+        ap.error(f"--vfm-steps must be positive, got {args.vfm_steps}")
+    if not args.describe.strip():
+        ap.error("--describe must say what these tries are")
+    for model in args.models:
+        steps = args.vfm_steps if model == "vfm" else None
+        if args.dry_run:
+            for what, cmd in plan(model, args.out, args.device, steps,
+                                  args.chunk_minutes).items():
+                module = "gates" if what == "gates" else "pretrain"
+                print(f"python -m reprod.toy.{module} {' '.join(cmd)}")
+            continue
+        args.out.mkdir(parents=True, exist_ok=True)
+        regenerate(model, args.out, args.describe, args.device, steps, args.chunk_minutes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
