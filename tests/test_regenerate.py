@@ -22,6 +22,14 @@ def test_dry_run_prints_each_models_three_commands(capsys):
     assert lines[5] == "python -m reprod.toy.gates --gates G4 --weights o --out o/gates.json"
 
 
+def test_a_smoke_plan_takes_two_steps_and_small_gates(capsys):
+    regenerate.main(["vfm", "--out", "o", "--describe", "d", "--smoke", "--workers", "1",
+                     "--vfm-steps", "7200", "--dry-run"])
+    pre, export, gate = capsys.readouterr().out.splitlines()
+    assert "--steps 2 " in pre and "--workers 1" in pre and "--steps 2 " in export
+    assert gate.endswith("--small")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["vfm", "--out", "o", "--describe", "d", "--vfm-steps", "0"], "--vfm-steps must be positive"),
     (["vfm", "--out", "o", "--describe", "  "], "--describe must say"),

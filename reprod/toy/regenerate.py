@@ -4,6 +4,7 @@
         --describe "vfm-2's recipe at twice the steps"          # a GPU machine's minutes
     python -m reprod.toy.regenerate vlm diffusion --out runs/world2 \\
         --describe "the first world-2 VLM and teacher"           # a CPU's hours
+    python -m reprod.toy.regenerate vfm vlm diffusion --smoke --out /tmp/w2   # minutes, on a CPU
     python -m reprod.toy.regenerate vfm vlm diffusion --dry-run  # the plan, nothing run
 
 For each model named, in the order given:
@@ -17,6 +18,9 @@ For each model named, in the order given:
 4. record that measurement as the model's next try in ``docs/results/toyworld2_gates.json``
    (``vfm-3``, ``vlm-1``, ``teacher-1``), passed or not, and copy that file into ``OUT`` (a GPU
    machine hands back only its output folder).
+
+``--smoke`` runs the whole pipeline in minutes (two steps of each model, the gates' ``--small``
+version, nothing recorded): run it on the CPU before spending a GPU's minutes.
 
 Nothing is copied into ``lessons/weights``: a person reads the gates first, and no method of the
 course runs on world 2 before every gate's figure is recorded. A run that was stopped resumes
@@ -40,21 +44,26 @@ WEIGHTS_OF = {"vfm": "toy_vfm.safetensors", "vlm": "toy_vlm.safetensors",
 GATES_OF = {"vfm": ("G1", "G2"), "vlm": ("G4",), "diffusion": ("G5",)}
 
 
-def plan(model: str, out: Path, device: str | None, steps: int | None,
-         chunk_minutes: float) -> dict[str, list[str]]:
+def plan(model: str, out: Path, device: str | None = None, steps: int | None = None,
+         chunk_minutes: float = 9.0, workers: int | None = None, small: bool = False
+         ) -> dict[str, list[str]]:
     """The argument lists of one model's three commands: pretrain, export, gates."""
     run = ["--run-dir", str(out / model)] + (["--steps", str(steps)] if steps else [])
     run += ["--device", device] if device else []
-    return {"pretrain": [model, *run, "--until-done", "--chunk-minutes", str(chunk_minutes)],
+    train = ["--until-done", "--chunk-minutes", str(chunk_minutes)]
+    train += ["--workers", str(workers)] if workers is not None else []
+    return {"pretrain": [model, *run, *train],
             "export": [model, *run, "--export", "--out", str(out / WEIGHTS_OF[model])],
             "gates": ["--gates", *GATES_OF[model], "--weights", str(out),
-                      "--out", str(out / "gates.json")]}
+                      "--out", str(out / "gates.json")] + (["--small"] if small else [])}
 
 
 def regenerate(model: str, out: Path, describe: str, device: str | None = None,
-               steps: int | None = None, chunk_minutes: float = 9.0) -> dict:
-    """Pretrain, export, gate and record one model (module docstring); returns its try."""
-    commands = plan(model, out, device, steps, chunk_minutes)
+               steps: int | None = None, chunk_minutes: float = 9.0,
+               workers: int | None = None, smoke: bool = False) -> dict | None:
+    """Pretrain, export, gate and record one model (module docstring); returns its try (None
+    for a ``smoke`` run, which records nothing)."""
+    commands = plan(model, out, device, steps, chunk_minutes, workers, small=smoke)
     start = time.perf_counter()
     for what in ("pretrain", "export", "gates"):
         print(f"[regenerate] {model}: {what}", flush=True)
@@ -62,6 +71,10 @@ def regenerate(model: str, out: Path, describe: str, device: str | None = None,
         if main_of(commands[what]) != 0:
             raise SystemExit(f"error: {model}'s {what} step failed")
     measured = json.loads((out / "gates.json").read_text())
+    if smoke:
+        print(f"[regenerate] {model}: smoke run done ({time.perf_counter() - start:.0f} s); "
+              "nothing recorded")
+        return None
     measured["gates"] = {g: measured["gates"][g] for g in GATES_OF[model]}
     keep = {"vfm": ("probes",), "vlm": ("vlm",), "diffusion": ("teacher",)}[model]
     measured["results"] = {k: measured["results"][k] for k in keep}
@@ -90,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vfm-steps", type=int, default=None,
                     help="the VFM's pretraining steps (default: its config's)")
     ap.add_argument("--chunk-minutes", type=float, default=9.0)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data workers of the pretraining (default: reprod.toy.pretrain's)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="two steps of each model, the gates' --small version, nothing recorded")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     args = ap.parse_args(argv)
     if args.vfm_steps is not None and args.vfm_steps <= 0:
@@ -97,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.describe.strip():
         ap.error("--describe must say what these tries are")
     for model in args.models:
-        steps = args.vfm_steps if model == "vfm" else None
+        steps = 2 if args.smoke else args.vfm_steps if model == "vfm" else None
         if args.dry_run:
-            for what, cmd in plan(model, args.out, args.device, steps,
-                                  args.chunk_minutes).items():
+            for what, cmd in plan(model, args.out, args.device, steps, args.chunk_minutes,
+                                  args.workers, args.smoke).items():
                 module = "gates" if what == "gates" else "pretrain"
                 print(f"python -m reprod.toy.{module} {' '.join(cmd)}")
             continue
         args.out.mkdir(parents=True, exist_ok=True)
-        regenerate(model, args.out, args.describe, args.device, steps, args.chunk_minutes)
+        regenerate(model, args.out, args.describe, args.device, steps, args.chunk_minutes,
+                   args.workers, args.smoke)
     return 0
 
 
