@@ -7,6 +7,7 @@ papers rely on? Measured before any method of the course runs on the world.
     python -m reprod.toy.gates --record-try NAME --from FILE --run-dir DIR --describe TEXT
                                                    # add one honest try to TRIES_FILE
     python -m reprod.toy.gates --tries-table       # the tries as docs/toyworld.md shows them
+    python -m reprod.toy.gates --invariance-table  # world 1's toy VFM on the invariance meter
 
 The gates are fixed in advance (the issue "ToyWorld 2") and never moved to fit a result:
 
@@ -55,15 +56,17 @@ from lessons.augment import Augmented
 from lessons.backbones import WEIGHTS_DIR, build_encoder
 from lessons.baselines import TinySegNet
 from lessons.captions import HELD_OUT_CLASS, class_id
+from lessons.invariance import aligned_renders
 from lessons.probe import LinearProbe
 from lessons.train import TrainConfig, evaluate, evaluate_domains, train
 from lessons.utils import seed_everything
 
 __all__ = [
-    "GATES", "GATES_FILE", "THRESHOLDS", "TRIES_FILE", "TRY_PREFIX", "check_probes",
-    "check_scratch", "check_teacher", "check_vlm", "domains_table", "gate_lines", "invariance",
-    "last_try", "main", "measure", "next_try_name", "probe_results", "probe_table", "record_try",
-    "scratch_results", "teacher_results", "tries_table", "vlm_results",
+    "GATES", "GATES_FILE", "INVARIANCE_ROWS", "THRESHOLDS", "TRIES_FILE", "TRY_PREFIX",
+    "check_probes", "check_scratch", "check_teacher", "check_vlm", "domains_table", "gate_lines",
+    "invariance", "invariance_table", "last_try", "main", "measure", "next_try_name",
+    "probe_results", "probe_table", "record_try", "scratch_results", "teacher_results",
+    "tries_table", "vlm_results",
 ]
 
 GATES_FILE = WEIGHTS_DIR / "gates.json"
@@ -190,10 +193,10 @@ def invariance(teacher, pairs: int, seed: int = 0) -> dict[str, float]:
     """Mean cosine of the teacher's pixel-aligned features at t_w and t_s between one scene in
     the source look and the same scene in each target look (one noise draw for both views)."""
     out = {"weak": [], "strong": []}
+    looks = (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)
+    renders = aligned_renders(pairs, looks, seed)                        # look -> (S, 3, H, W)
     for k in range(pairs):
-        renders = tw.render_across_domains(seed * 10_000 + k,
-                                           domains=(tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS))
-        images = torch.stack([torch.from_numpy(img) for img, _ in renders.values()])  # (9,..)
+        images = torch.stack([renders[d][k] for d in looks])                     # (9, 3, H, W)
         g = torch.Generator().manual_seed(k)
         noise_free = teacher.features(images, generator=g)
         for which in ("weak", "strong"):
@@ -440,6 +443,23 @@ def domains_table(entry: dict) -> str:
     return "\n".join(out)
 
 
+INVARIANCE_ROWS = ("targets' mean", "fog", "night", "painted", "other scenes")
+
+
+def invariance_table(world: str = "1.0", scenes: int = 16) -> str:
+    """The invariance meter (``lessons.invariance``) of ``world``'s committed toy VFM beside a
+    random-init ViT of its shape (seed 0), as docs/toyworld.md shows it."""
+    from lessons.backbones import toy_weights_dir
+    from lessons.invariance import invariance_meter, meter_table
+
+    with tw.in_world(world):
+        vfm = build_encoder("toy_vfm", toy_weights_dir(world) / "toy_vfm.safetensors")
+        torch.manual_seed(0)
+        meters = {f"world-{world[0]} toy VFM": invariance_meter(vfm, scenes),
+                  "random-init ViT": invariance_meter(build_encoder("toy_vfm"), scenes)}
+    return meter_table(meters, INVARIANCE_ROWS)
+
+
 def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", nargs="+", choices=GATES, default=list(GATES))
@@ -458,7 +478,12 @@ def _main(argv: list[str] | None) -> int:
                     help="with --record-try: the pretraining run that made the weights")
     ap.add_argument("--describe", default="", help="with --record-try: what this try changed")
     ap.add_argument("--tries-table", action="store_true", help="print the tries' table and stop")
+    ap.add_argument("--invariance-table", action="store_true",
+                    help="print world 1's toy VFM on the invariance meter and stop")
     args = ap.parse_args(argv)
+    if args.invariance_table:
+        print(invariance_table())
+        return 0
     if args.tries_table:
         if not TRIES_FILE.is_file():
             raise SystemExit(f"error: no tries recorded yet ({TRIES_FILE} does not exist)")
