@@ -116,6 +116,13 @@ def test_docs_show_world_1s_meter_as_the_command_prints_it():
     table = invariance_table()
     assert table in doc, "re-run python -m reprod.toy.gates --invariance-table"
     for look in ("fog", "night", "painted"):           # the prose's first -> last block figures
-        row = next(r for r in table.splitlines() if r.startswith(f"| world-1 toy VFM | {look} |"))
-        cells = [c.strip() for c in row.strip("|").split("|")][2:]
+        cells = _cells(table, "world-1 toy VFM, frozen", look)
         assert f"{cells[0]} → {cells[-1]}" in doc, (look, cells)
+    last = [_cells(table, enc, "targets' mean")[-1] for enc in
+            ("world-1 toy VFM, frozen", "Rein (lesson 02, seed 0)", "full fine-tuning (lesson 02")]
+    assert "frozen {}, Rein {}, full fine-tuning {}".format(*last) in " ".join(doc.split())
+
+
+def _cells(table: str, encoder: str, look: str) -> list[str]:
+    row = next(r for r in table.splitlines() if r.startswith(f"| {encoder}") and f"| {look} |" in r)
+    return [c.strip() for c in row.strip("|").split("|")][2:]

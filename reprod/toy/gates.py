@@ -447,16 +447,28 @@ INVARIANCE_ROWS = ("targets' mean", "fog", "night", "painted", "other scenes")
 
 
 def invariance_table(world: str = "1.0", scenes: int = 16) -> str:
-    """The invariance meter (``lessons.invariance``) of ``world``'s committed toy VFM beside a
-    random-init ViT of its shape (seed 0), as docs/toyworld.md shows it."""
+    """The invariance meter (``lessons.invariance``) of ``world``'s committed toy VFM (frozen),
+    of lesson 02's Rein and full fine-tuning checkpoints (seed 0) where they were trained in
+    ``world``, and of a random-init ViT of the VFM's shape (seed 0), as docs/toyworld.md shows
+    it."""
     from lessons.backbones import toy_weights_dir
+    from lessons.checkpoints import CHECKPOINT_DIR, load_lesson_checkpoint, read_metadata
     from lessons.invariance import invariance_meter, meter_table
 
     with tw.in_world(world):
         vfm = build_encoder("toy_vfm", toy_weights_dir(world) / "toy_vfm.safetensors")
+        meters = {f"world-{world[0]} toy VFM, frozen": invariance_meter(vfm, scenes)}
+        for method, name in (("rein", "Rein"), ("full", "full fine-tuning")):
+            path = CHECKPOINT_DIR / "02_rein" / f"{method}_seed0.safetensors"
+            if read_metadata(path)["toyworld_version"] != world:
+                continue
+            model = load_lesson_checkpoint(path)[0].eval()
+            reins = getattr(model, "reins", None)
+            adapter = reins.adapter(model.encoder) if reins is not None else None
+            meters[f"{name} (lesson 02, seed 0)"] = invariance_meter(model.encoder, scenes,
+                                                                      adapter=adapter)
         torch.manual_seed(0)
-        meters = {f"world-{world[0]} toy VFM": invariance_meter(vfm, scenes),
-                  "random-init ViT": invariance_meter(build_encoder("toy_vfm"), scenes)}
+        meters["random-init ViT"] = invariance_meter(build_encoder("toy_vfm"), scenes)
     return meter_table(meters, INVARIANCE_ROWS)
 
 
