@@ -113,3 +113,18 @@ def test_a_committed_result_re_measures_as_recorded():
     test = tw.ToyWorld(tw.SOURCE_DOMAIN, "test", length=rec["test_length"], seed=0)
     miou = evaluate(model, test)["mean_iou"]
     assert miou == pytest.approx(rec["miou"][tw.SOURCE_DOMAIN], abs=5e-3)
+
+
+def test_jobs_train_runs_in_parallel_processes_with_the_same_results(tmp_path, capsys):
+    """``--jobs 2`` (the GPU path: several toy runs share one GPU) gives what one job gives."""
+    args = ["--methods", "frozen", "--seeds", "0", "1", "--checkpoint-seeds", "--steps", "2",
+            "--test-length", "2"]
+    assert toy_sweep.main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert toy_sweep.main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (load_results(tmp_path / d / RESULTS_FILE.name)["runs"] for d in ("one", "two"))
+    assert set(one) == set(two) == {"frozen/seed0", "frozen/seed1"}
+    for key in one:
+        assert two[key]["miou"] == pytest.approx(one[key]["miou"], abs=1e-3)
+    with pytest.raises(SystemExit):
+        toy_sweep.main([*args, "--out", str(tmp_path / "x"), "--jobs", "0"])
+    assert "--jobs must be >= 1" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     python -m reprod.toy.sweep                              # every method, the benchmark's seeds
     python -m reprod.toy.sweep --methods rein --seeds 0     # one run
     python -m reprod.toy.sweep --table                      # print the results table only
+    python -m reprod.toy.sweep --jobs 2                     # two runs at a time (processes)
 
 What runs and how it is read live in ``lessons.benchmark`` (the methods, ``run_one``, the
 summaries); this is the command that runs them. Resumable by run: results are written after each
@@ -11,16 +12,23 @@ with a result for the same protocol and configuration is skipped; ``--force`` re
 (adapters and heads only, fp16, with the ToyWorld version and ``lessons`` digest in their header)
 are kept for ``--checkpoint-seeds`` (default: seed 0), the rest record results only, to keep the
 package's toy weights small. Runs on CPU (the figures in the README are 2 cores) or a GPU.
+
+``--jobs N`` trains N runs at a time in N processes (spawned; the parent writes every result):
+on a CPU the cores are split between them, on a GPU they share it (one toy run leaves most of a
+GPU idle). Results do not depend on ``--jobs`` beyond the last digits another thread count gives.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lessons import toyworld as tw
 from lessons.benchmark import (
@@ -57,6 +65,25 @@ def _add_result(key: str, record: dict, path: Path) -> dict:
     return results
 
 
+def _start_job(threads: int, world: str) -> None:
+    """A job process: its share of the CPU threads, the parent's ToyWorld."""
+    torch.set_num_threads(threads)
+    tw.use_world(world)
+
+
+def _timed_run(method: str, seed: int, steps: int | None, test_length: int,
+               ckpt: Path | None) -> tuple[dict, float]:
+    start = time.perf_counter()
+    return run_one(method, seed, steps, test_length, ckpt), time.perf_counter() - start
+
+
+def _report(key: str, rec: dict, seconds: float) -> None:
+    targets = [v for d, v in rec["miou"].items() if d != tw.SOURCE_DOMAIN]
+    print(f"{key}: {seconds:.0f} s, val {100 * rec['val_miou']:.1f} (step {rec['best_step']}), "
+          f"source {100 * rec['miou'][tw.SOURCE_DOMAIN]:.1f}, targets' mean "
+          f"{100 * np.mean(targets):.1f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -71,12 +98,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="where checkpoints and toy_sweep.json go (default: the lesson dir)")
     ap.add_argument("--force", action="store_true", help="rerun runs that have results")
     ap.add_argument("--table", action="store_true", help="print the results table and exit")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs trained at a time, in that many processes (default: 1)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     results_file = args.out / RESULTS_FILE.name
     results = load_results(results_file)
     if args.table:
         print(markdown_table(results, args.methods))
         return 0
+    todo = []
     for seed in args.seeds:                           # seed-major: seed 0 of everything first
         for method in args.methods:
             if METHODS[method].seeds is not None and seed not in METHODS[method].seeds:
@@ -90,13 +122,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             keep = seed in args.checkpoint_seeds and METHODS[method].keep_checkpoint
             ckpt = checkpoint_path(method, seed, args.out) if keep else None
-            start = time.perf_counter()
-            rec = run_one(method, seed, args.steps, args.test_length, ckpt)
+            todo.append((key, (method, seed, args.steps, args.test_length, ckpt)))
+    if args.jobs == 1:
+        for key, run in todo:
+            rec, seconds = _timed_run(*run)
             results = _add_result(key, rec, results_file)
-            targets = [v for d, v in rec["miou"].items() if d != tw.SOURCE_DOMAIN]
-            print(f"{key}: {time.perf_counter() - start:.0f} s, val {100 * rec['val_miou']:.1f} "
-                  f"(step {rec['best_step']}), source {100 * rec['miou'][tw.SOURCE_DOMAIN]:.1f}, "
-                  f"targets' mean {100 * np.mean(targets):.1f}", flush=True)
+            _report(key, rec, seconds)
+    else:
+        threads = max(torch.get_num_threads() // args.jobs, 1)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_job,
+                                 initargs=(threads, tw.current_world())) as pool:
+            futures = [(key, pool.submit(_timed_run, *run)) for key, run in todo]
+            for key, future in futures:                  # results in the order of the plan
+                rec, seconds = future.result()
+                results = _add_result(key, rec, results_file)
+                _report(key, rec, seconds)
     print(markdown_table(results, args.methods))
     return 0
 
