@@ -27,7 +27,8 @@ step would not fit the time budget:
    on one H100);
 8. ``fusion``: MVFuser against self-attention at width 1024 from 1k to 16k tokens;
 9. ``ddp``: a DDP smoke run with NCCL at world size 1 (``torchrun -m reprod.train toy_rein``);
-10. ``toy_sweep``: a few toy-sweep runs on CUDA with their images / s;
+10. ``toy_sweep``: a few toy-sweep runs on CUDA, two at a time (``--jobs 2``), with their
+   images / s;
 11. ``step_fp32``: the Rein and MFuser rows again in fp32.
 
 Each step runs as its own process with a time limit, and its result is appended, as it finishes,
@@ -103,7 +104,7 @@ STEPS: tuple[Step, ...] = (
          "data.targets.mapillary.root={out}/toy_data/mapillary", 60,
          "torch.distributed with NCCL"),
     Step("toy_sweep", "{py} -m reprod.toy.sweep --methods rein mfuser --seeds 0 --steps 100 "
-         "--test-length 50 --out {out}/toy_sweep --checkpoint-seeds", 90,
+         "--test-length 50 --out {out}/toy_sweep --checkpoint-seeds --jobs 2", 90,
          "the toy weights (lessons/weights)"),
     Step("step_fp32", _STEP.format(py="{py}", configs=" ".join(FP32_CONFIGS), p="fp32",
                                    out="{out}"), 90, "open_clip_torch, diffusers"),
