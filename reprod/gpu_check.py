@@ -4,6 +4,8 @@
     python -m reprod.gpu_check --dry-run             # the plan, with each step's expected time
     python -m reprod.gpu_check --wheels .whl --sdist .whl/mamba_ssm-2.3.2.post1.tar.gz
     make gpu-check                                   # the same, with the carried files in .whl/
+    python3 -m reprod.gpu_check --wheels .whl --sdist .whl/mamba_ssm-2.3.2.post1.tar.gz \
+        --collect "$OUT"                            # on a lent device machine (carry .whl/)
 
 A GPU machine is lent now and then, bare (CUDA, nvcc, PyTorch, no network) and for minutes. This
 runs, in the order that puts the most valuable evidence first, and stops cleanly when the next
@@ -32,7 +34,10 @@ step would not fit the time budget:
 11. ``step_fp32``: the Rein and MFuser rows again in fp32.
 
 Each step runs as its own process with a time limit, and its result is appended, as it finishes,
-to ``runs/gpu_check/report.json`` and ``report.md`` (``--out``). Standing order: whenever a GPU is
+to ``runs/gpu_check/report.json`` and ``report.md`` (``--out``). ``--collect DIR`` copies what
+must come home into one flat folder at the end: the two reports (every step's figures are in
+``report.json``) and the world-2 try's gates, tries file, weights and pretraining log, six files
+(a lent machine hands back at most eight, two folders deep). Standing order: whenever a GPU is
 lent, run this first, commit the report, and copy its figures into docs/measured.md with the GPU
 named.
 """
@@ -49,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["STEPS", "Step", "main", "plan", "run_steps"]
+__all__ = ["COLLECT", "STEPS", "Step", "collect", "main", "plan", "run_steps"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("runs/gpu_check")
@@ -214,6 +219,26 @@ def run_steps(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # Steps that live here
 # ----------------------------------------------------------------------------------------------
+COLLECT = {"report.json": "report.json", "report.md": "report.md",
+           "world2/gates.json": "world2_gates.json",
+           "world2/toyworld2_gates.json": "toyworld2_gates.json",
+           "world2/toy_vfm.safetensors": "toy_vfm.safetensors",
+           "world2/vfm/vfm_log.json": "world2_vfm_log.json"}
+"""What ``--collect`` copies (path under ``--out`` -> name in the flat folder), when present."""
+
+
+def collect(out: Path, dest: Path) -> list[Path]:
+    """Copy the files of :data:`COLLECT` that exist under ``out`` into ``dest``; returns them."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src, name in COLLECT.items():
+        if (out / src).is_file():
+            copied.append(Path(shutil.copy(out / src, dest / name)))
+    return copied
+
+
 def detect(out: Path) -> dict:
     import torch
 
@@ -300,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sdist", type=Path, help="mamba-ssm's source archive (carried)")
     ap.add_argument("--wheels", type=Path, help="a folder of carried wheels to install first")
     ap.add_argument("--only", nargs="+", choices=[s.name for s in STEPS], help="just these")
+    ap.add_argument("--collect", type=Path, default=None,
+                    help="at the end, copy the reports and the world-2 try's files into this "
+                         "flat folder (a device machine's $OUT)")
     ap.add_argument("--detect", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scan", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -320,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.md").parent.mkdir(parents=True, exist_ok=True)
     for name in ("report.json", "report.md"):
         (args.out / name).unlink(missing_ok=True)
-    return run_steps(args)
+    code = run_steps(args)
+    if args.collect is not None:
+        copied = collect(args.out, args.collect)
+        print(f"[gpu_check] collected {len(copied)} files into {args.collect}")
+    return code
 
 
 if __name__ == "__main__":

@@ -58,3 +58,17 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gc.main(["--sdist", str(tmp_path / "none.tar.gz"), "--dry-run"])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_collect_copies_what_must_come_home_into_one_flat_folder(tmp_path):
+    out = tmp_path / "run"
+    (out / "world2" / "vfm").mkdir(parents=True)
+    for rel in ("report.json", "report.md", "world2/gates.json", "world2/toy_vfm.safetensors",
+                "world2/vfm/vfm_log.json", "world2/vfm/vfm_state.pt", "step_bf16.json"):
+        (out / rel).write_text(rel)
+    copied = gc.collect(out, tmp_path / "home")
+    names = sorted(p.name for p in copied)
+    assert names == ["report.json", "report.md", "toy_vfm.safetensors", "world2_gates.json",
+                     "world2_vfm_log.json"]                 # the tries file was not written
+    assert len(gc.COLLECT) <= 8                             # what a device machine hands back
+    assert (tmp_path / "home" / "world2_gates.json").read_text() == "world2/gates.json"
