@@ -17,7 +17,11 @@ step would not fit the time budget:
 3. ``world2_vfm``: the next try of world 2's toy VFM (``reprod.toy.regenerate vfm``: vfm-2's
    recipe at 7,200 steps in bf16 with data workers, its fp16 weights, gates G1 and G2, recorded as
    a try; everything under ``OUT/world2``). It comes first because world 2's gates block the
-   course's next lessons and two CPU cores cannot give this pretraining in one session;
+   course's next lessons and two CPU cores cannot give this pretraining in one session. Expected
+   7 to 8 minutes on an H100 (about 3,800 small ops a step, so ~40 ms of launches, for 7,200
+   steps, then two minutes of gates): most of one device command. It saves every 2 minutes, so
+   if its limit stops it, the same command again on the still-warm machine resumes it
+   (``--only world2_vfm``); the rest follows in a second command (``--skip world2_vfm``);
 4. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
    carried sdist (``reprod.install_mamba_ssm --sdist``); skipped when it already imports;
 5. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
@@ -87,8 +91,9 @@ STEPS: tuple[Step, ...] = (
          "--wheels: a folder of carried wheels (make gpu-carry fills .whl/)",
          optional=True),
     Step("world2_vfm", "{py} -m reprod.toy.regenerate vfm --device cuda --vfm-steps 7200 "
-         "--out {out}/world2 --describe \"vfm-2's recipe (dense VICReg, one view masked) at "
-         "twice the steps, on a GPU\"", 360, "timm, safetensors (carried wheels)", limit_s=540),
+         "--chunk-minutes 2 --out {out}/world2 --describe \"vfm-2's recipe (dense VICReg, one "
+         "view masked) at twice the steps, on a GPU\"", 450, "timm, safetensors (carried wheels)",
+         limit_s=570),
     Step("mamba_ssm", "{py} -m reprod.install_mamba_ssm --sdist {sdist}", 180,
          "--sdist: mamba-ssm's source archive, nvcc", limit_s=420, optional=True),
     Step("pytest_gpu", "{py} -m pytest -m gpu -q -o addopts= tests",
@@ -180,7 +185,7 @@ def run_steps(args: argparse.Namespace) -> int:
     budget = 60 * args.budget_min
     failed = 0
     for step in STEPS:
-        if args.only and step.name not in args.only:
+        if (args.only and step.name not in args.only) or step.name in args.skip:
             continue
         if step.optional and ((step.name == "wheels" and not args.wheels)
                               or (step.name == "mamba_ssm" and not args.sdist)):
@@ -325,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sdist", type=Path, help="mamba-ssm's source archive (carried)")
     ap.add_argument("--wheels", type=Path, help="a folder of carried wheels to install first")
     ap.add_argument("--only", nargs="+", choices=[s.name for s in STEPS], help="just these")
+    ap.add_argument("--skip", nargs="+", choices=[s.name for s in STEPS], default=[],
+                    help="all but these")
     ap.add_argument("--collect", type=Path, default=None,
                     help="at the end, copy the reports and the world-2 try's files into this "
                          "flat folder (a device machine's $OUT)")

@@ -72,3 +72,13 @@ def test_collect_copies_what_must_come_home_into_one_flat_folder(tmp_path):
                      "world2_vfm_log.json"]                 # the tries file was not written
     assert len(gc.COLLECT) <= 8                             # what a device machine hands back
     assert (tmp_path / "home" / "world2_gates.json").read_text() == "world2/gates.json"
+
+
+def test_skip_leaves_steps_out_of_the_report(tmp_path, monkeypatch):
+    py = sys.executable
+    steps = (gc.Step("a", f"{py} -c 'print(1)'", 1, "nothing"),
+             gc.Step("b", f"{py} -c 'print(2)'", 1, "nothing"))
+    monkeypatch.setattr(gc, "STEPS", steps)
+    assert gc.main(["--out", str(tmp_path), "--skip", "a"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["name"] for s in report["steps"]] == ["b"]
