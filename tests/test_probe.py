@@ -114,3 +114,25 @@ def test_the_docs_show_the_recorded_tries_and_the_figures_their_prose_quotes():
     source = 100 * (probes["frozen toy VFM + linear"]["synthetic"]
                     - probes["random-init ViT + linear"]["synthetic"])
     assert round(source) == 12 and "12\non the source" in doc
+
+
+def test_the_headroom_paragraph_quotes_its_results_files():
+    """docs/toyworld.md's "What bounds G2" figures are the recorded diagnostic's and the last
+    VFM try's (python -m reprod.toy.gates --headroom; --record-try)."""
+    import json
+
+    doc = " ".join((gates.TRIES_FILE.parents[1] / "toyworld.md").read_text().split())
+    head = json.loads(gates.HEADROOM_FILE.read_text())["results"]
+    rand = head["random-init ViT + linear, trained on each target"]
+    scratch = head["scratch CNN, trained on each target (no augmentation)"]
+    last = gates.last_try("vfm")
+    source = last["results"]["scratch"]["scratch CNN + flip + photometric distortion"]
+    g1, g2 = last["gates"]["G1"], last["gates"]["G2"]
+    quoted = [f"{100 * scratch['citylike']:.1f} on `citylike` and "
+              f"{100 * scratch['fog']:.1f} on `fog`",
+              f"against {100 * source['citylike']:.1f} and {100 * source['fog']:.1f}",
+              f"{gates._targets_mean(rand):.1f} on the targets' mean "
+              f"({g1['random_init_targets']:.1f} trained on the source)",
+              f"toy VFM {g2['own_labels_targets']:.1f} ({g2['source_trained_targets']:.1f})"]
+    for text in quoted:
+        assert text in doc, text

@@ -8,6 +8,7 @@ papers rely on? Measured before any method of the course runs on the world.
                                                    # add one honest try to TRIES_FILE
     python -m reprod.toy.gates --tries-table       # the tries as docs/toyworld.md shows them
     python -m reprod.toy.gates --invariance-table  # world 1's toy VFM on the invariance meter
+    python -m reprod.toy.gates --headroom          # what bounds G2 (a diagnostic, not a gate)
 
 The gates are fixed in advance (the issue "ToyWorld 2") and never moved to fit a result:
 
@@ -62,15 +63,16 @@ from lessons.train import TrainConfig, evaluate, evaluate_domains, train
 from lessons.utils import seed_everything
 
 __all__ = [
-    "GATES", "GATES_FILE", "INVARIANCE_ROWS", "THRESHOLDS", "TRIES_FILE", "TRY_PREFIX",
-    "check_probes", "check_scratch", "check_teacher", "check_vlm", "domains_table", "gate_lines",
-    "invariance", "invariance_table", "last_try", "main", "measure", "next_try_name",
-    "probe_results", "probe_table", "record_try", "scratch_results", "teacher_results",
-    "tries_table", "vlm_results",
+    "GATES", "GATES_FILE", "HEADROOM_FILE", "HEADROOM_TARGETS", "INVARIANCE_ROWS", "THRESHOLDS",
+    "TRIES_FILE", "TRY_PREFIX", "check_probes", "check_scratch", "check_teacher", "check_vlm",
+    "domains_table", "gate_lines", "headroom_results", "invariance", "invariance_table",
+    "last_try", "main", "measure", "next_try_name", "probe_results", "probe_table", "record_try",
+    "scratch_results", "teacher_results", "tries_table", "vlm_results",
 ]
 
 GATES_FILE = WEIGHTS_DIR / "gates.json"
 TRIES_FILE = Path(__file__).resolve().parents[2] / "docs" / "results" / "toyworld2_gates.json"
+HEADROOM_FILE = TRIES_FILE.with_name("toyworld2_headroom.json")
 GATES = ("G1", "G2", "G3", "G4", "G5")
 THRESHOLDS = {"G1": 10.0, "G2": 15.0, "G3": 20.0, "G4_source": 10.0, "G4_targets": 5.0,
               "G4_crops": 80.0, "G4_held_out": 10.0}
@@ -122,6 +124,28 @@ def probe_results(vfm_weights: str | Path | None, small: bool = False) -> dict:
     return {"frozen toy VFM + linear": evaluate_domains(vfm, tests),
             "random-init ViT + linear": evaluate_domains(rand, tests),
             "frozen toy VFM + linear, trained on each target": own}
+
+
+HEADROOM_TARGETS = ("citylike", "fog")
+
+
+def headroom_results(small: bool = False) -> dict:
+    """What bounds G2, a diagnostic beside the gates (it decides nothing): G2's probe on a
+    random-init ViT trained on each target's own labels (how far probing alone gets without
+    pretraining), and G3's scratch CNN trained, without augmentation, on the own labels of
+    ``HEADROOM_TARGETS`` (what the world lets a trainable network reach there)."""
+    s = _scale(small)
+    tests = _tests(s["test"])
+    rand = {}
+    for d in tw.TARGET_DOMAINS:
+        probe = _fit(lambda: LinearProbe(build_encoder("toy_vfm")),
+                     tw.ToyWorld(d, "train", length=s["train"]), s["steps"])
+        rand[d] = evaluate(probe, tests[d])["mean_iou"]
+    scratch = {d: evaluate(_fit(TinySegNet, tw.ToyWorld(d, "train", length=s["train"]),
+                                s["scratch_steps"]), tests[d])["mean_iou"]
+               for d in HEADROOM_TARGETS}
+    return {"random-init ViT + linear, trained on each target": rand,
+            "scratch CNN, trained on each target (no augmentation)": scratch}
 
 
 def check_probes(r: dict) -> dict:
@@ -490,11 +514,24 @@ def _main(argv: list[str] | None) -> int:
                     help="with --record-try: the pretraining run that made the weights")
     ap.add_argument("--describe", default="", help="with --record-try: what this try changed")
     ap.add_argument("--tries-table", action="store_true", help="print the tries' table and stop")
+    ap.add_argument("--headroom", action="store_true",
+                    help=f"measure what bounds G2 into {HEADROOM_FILE.name} and stop")
     ap.add_argument("--invariance-table", action="store_true",
                     help="print world 1's toy VFM on the invariance meter and stop")
     args = ap.parse_args(argv)
     if args.invariance_table:
         print(invariance_table())
+        return 0
+    if args.headroom:
+        start = time.perf_counter()
+        rows = headroom_results(args.small)
+        for name, row in rows.items():
+            print(name + ": " + ", ".join(f"{d} {100 * v:.1f}" for d, v in row.items()))
+        if not args.small:
+            HEADROOM_FILE.write_text(json.dumps(
+                {"toyworld_version": tw.TOYWORLD_VERSION, "results": rows,
+                 "seconds": round(time.perf_counter() - start, 1)}, indent=1) + "\n")
+            print(f"wrote {HEADROOM_FILE}")
         return 0
     if args.tries_table:
         if not TRIES_FILE.is_file():
