@@ -282,8 +282,8 @@ def measure(gates: Sequence[str] = GATES, small: bool = False,
             verdicts |= check_vlm(results["vlm"])
         else:
             probes, student = results.get("probes"), "measured with it"
-            if probes is None and _recorded("probes", recorded):
-                probes, student = _recorded("probes", recorded), str(recorded)
+            if probes is None and (earlier := _recorded("probes", recorded)):
+                probes, student = earlier, str(recorded)
             if probes is None and (last := last_try("vfm")) is not None:
                 probes, student = last["results"].get("probes"), f"try {last['name']}"
             results["teacher"] = teacher_results(weights / "toy_diffusion.safetensors", probes,
