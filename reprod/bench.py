@@ -32,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
     "stand_in_tokenizer",
     "step_flops",
     "synthetic_batch",
+    "warn_if_emulated",
 ]
 
 
@@ -148,6 +150,18 @@ def _autocast(device: torch.device, precision: str):
         else nullcontext()
 
 
+def warn_if_emulated(device: torch.device, precision: str) -> None:
+    """Say so when ``bf16`` was asked for where bfloat16 is emulated (a CPU without AVX512-BF16
+    or AMX, e.g. an AVX2-only one: a toy ViT step measured 26x slower than fp32 there), so a slow
+    figure is not read as the model's cost."""
+    from reprod.toy.resumable import bf16_autocast_pays
+
+    if precision == "bf16" and not bf16_autocast_pays(device):
+        warnings.warn(f"bf16 is emulated on this {device.type} (no native bfloat16 kernels): "
+                      "its times measure the emulation; compare with --precision fp32",
+                      stacklevel=2)
+
+
 def bench_step(name: str, steps: int = 10, warmup: int = 3, batch: int | None = None,
                size: int | None = None, precision: str | None = None,
                device: str | None = None, overrides: Sequence[str] = ()) -> dict:
@@ -160,6 +174,7 @@ def bench_step(name: str, steps: int = 10, warmup: int = 3, batch: int | None = 
     size = size or exp.data.pipeline.get("crop", 512)
     precision = precision or exp.train.precision
     exp.train.precision = precision
+    warn_if_emulated(dev, precision)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
@@ -200,6 +215,7 @@ def bench_fusion(lengths: Sequence[int], dim: int = 1024, heads: int = 16, batch
                  ) -> list[dict]:
     """MVFuser vs self-attention, forward + backward, per sequence length L."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    warn_if_emulated(dev, precision)
     rows = []
     for L in lengths:
         row = {"length": L, "dim": dim, "batch": batch}

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import json
+import warnings
 
+import pytest
 import torch
 
 from lessons.classes import NUM_CLASSES
+from reprod import bench
 from reprod.bench import main, synthetic_batch
+from reprod.toy import resumable
 
 
 def test_synthetic_batch_has_classes_and_ignore():
@@ -43,3 +47,16 @@ def test_fusion_benchmark_compares_mvfuser_and_attention(tmp_path):
 def test_unknown_config_is_a_clear_error(capsys):
     assert main(["step", "no_such_config"]) == 2
     assert "no config 'no_such_config'" in capsys.readouterr().err
+
+
+def test_bf16_where_it_is_emulated_is_said(monkeypatch):
+    monkeypatch.setattr(resumable, "bf16_autocast_pays", lambda device: False)
+    with pytest.warns(UserWarning, match="bf16 is emulated"):
+        bench.warn_if_emulated(torch.device("cpu"), "bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench.warn_if_emulated(torch.device("cpu"), "fp32")     # fp32: nothing to say
+    monkeypatch.setattr(resumable, "bf16_autocast_pays", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench.warn_if_emulated(torch.device("cpu"), "bf16")     # native: nothing to say
