@@ -438,12 +438,15 @@ def _vfm_table(tries: list[dict]) -> str:
             "/ margin (≥ +{}) | G3 source / targets / drop (≥ {}) |".format(
                 *(needs[g] for g in ("G1", "G2", "G3"))),
             "|---|---|---|---|---|"]
-    for t in tries:
+    world_g3 = None                  # G3 is the world's, not the VFM's: a try without it
+    for t in tries:                  # shows the last one measured, and says whose it is
         g = t["gates"]
-        g3 = g.get("G3")
+        g3, by = (g["G3"], "") if "G3" in g else (world_g3 or (None, ""))
         g3_cell = ("not measured" if g3 is None else
                    f"{g3['source']:.1f} / {g3['targets']:.1f} / **{g3['drop']:.1f}** "
-                   f"{'✓' if g3['passed'] else '✗'}")
+                   f"{'✓' if g3['passed'] else '✗'}{by}")
+        if "G3" in g and world_g3 is None:
+            world_g3 = (g["G3"], f" ({t['name']}'s: the same world)")
         g1 = _cell(g.get("G1"), ("vfm_targets", "random_init_targets", "margin"))
         g2 = _cell(g.get("G2"), ("own_labels_targets", "source_trained_targets", "margin"))
         rows.append(f"| {t['name']}: {t['describe']} | {_when(t)} | {g1} | {g2} | {g3_cell} |")
