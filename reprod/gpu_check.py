@@ -14,14 +14,15 @@ step would not fit the time budget:
 1. ``detect``: the GPU, its memory, torch and CUDA versions;
 2. ``wheels``: installs the carried wheels the bare machine lacks (``--wheels``: open_clip_torch,
    diffusers, ftfy, ...; ``make gpu-carry`` downloads them); the repository runs from its root;
-3. ``world2_vfm``: the next try of world 2's toy VFM (``reprod.toy.regenerate vfm``: vfm-2's
-   recipe at 7,200 steps in bf16 with data workers, its fp16 weights, gates G1 and G2, recorded as
-   a try; everything under ``OUT/world2``). It comes first because world 2's gates block the
-   course's next lessons and two CPU cores cannot give this pretraining in one session. Expected
-   7 to 8 minutes on an H100 (about 3,800 small ops a step, so ~40 ms of launches, for 7,200
-   steps, then two minutes of gates): most of one device command. It saves every 2 minutes, so
-   if its limit stops it, the same command again on the still-warm machine resumes it
-   (``--only world2_vfm``); the rest follows in a second command (``--skip world2_vfm``);
+3. ``world2``: world 2's toy models that have no recorded try yet (``reprod.toy.regenerate
+   --untried``: the teacher, and the VLM if no CPU has given it; pretraining in bf16 with data
+   workers, fp16 weights, their gates G4 / G5, recorded as tries; everything under
+   ``OUT/world2``; nothing to do once every model has a try). It comes first because world 2's
+   gates block the course's next lessons. The VFM's tries stopped at three (docs/toyworld.md).
+   Expected within one device command (the teacher's 1,500 steps are fewer ops than the VFM's
+   7,200, which were estimated at 7 to 8 minutes on an H100). It saves every 2 minutes, so if its
+   limit stops it, the same command again on the still-warm machine resumes it
+   (``--only world2``); the rest follows in a second command (``--skip world2``);
 4. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
    carried sdist (``reprod.install_mamba_ssm --sdist``); skipped when it already imports;
 5. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
@@ -40,10 +41,10 @@ step would not fit the time budget:
 Each step runs as its own process with a time limit, and its result is appended, as it finishes,
 to ``runs/gpu_check/report.json`` and ``report.md`` (``--out``). ``--collect DIR`` copies what
 must come home into one flat folder at the end: the two reports (every step's figures are in
-``report.json``) and the world-2 try's gates, tries file, weights and pretraining log, six files
-(a lent machine hands back at most eight, two folders deep). Standing order: whenever a GPU is
-lent, run this first, commit the report, and copy its figures into docs/measured.md with the GPU
-named.
+``report.json``) and the world-2 tries' gates, tries file and weights (the VLM's and the
+teacher's), six files (a lent machine hands back at most eight, two folders deep). Standing
+order: whenever a GPU is lent, run this first, commit the report, and copy its figures into
+docs/measured.md with the GPU named.
 """
 
 from __future__ import annotations
@@ -90,10 +91,9 @@ STEPS: tuple[Step, ...] = (
     Step("wheels", "{py} -m pip install -q --no-index --no-deps {wheels}/*.whl", 40,
          "--wheels: a folder of carried wheels (make gpu-carry fills .whl/)",
          optional=True),
-    Step("world2_vfm", "{py} -m reprod.toy.regenerate vfm --device cuda --vfm-steps 7200 "
-         "--chunk-minutes 2 --out {out}/world2 --describe \"vfm-2's recipe (dense VICReg, one "
-         "view masked) at twice the steps, on a GPU\"", 450, "timm, safetensors (carried wheels)",
-         limit_s=570),
+    Step("world2", "{py} -m reprod.toy.regenerate --untried --device cuda --chunk-minutes 2 "
+         "--out {out}/world2 --describe \"the committed recipe, on a GPU in bf16\"", 450,
+         "timm, open_clip, diffusers, safetensors (carried wheels)", limit_s=570),
     Step("mamba_ssm", "{py} -m reprod.install_mamba_ssm --sdist {sdist}", 180,
          "--sdist: mamba-ssm's source archive, nvcc", limit_s=420, optional=True),
     Step("pytest_gpu", "{py} -m pytest -m gpu -q -o addopts= tests",
@@ -167,7 +167,7 @@ def _append(out: Path, record: dict) -> None:
 
 def _figures(step: Step, out: Path) -> object:
     """The JSON a step wrote, if any (bench rows, scan rows, detection)."""
-    files = {"detect": "detect.json", "world2_vfm": "world2/gates.json", "scan": "scan.json",
+    files = {"detect": "detect.json", "world2": "world2/gates.json", "scan": "scan.json",
              "step_bf16": "step_bf16.json", "fusion": "fusion.json",
              "toy_sweep": "toy_sweep/toy_sweep.json", "step_fp32": "step_fp32.json"}
     path = out / files.get(step.name, "-")
@@ -227,8 +227,8 @@ def run_steps(args: argparse.Namespace) -> int:
 COLLECT = {"report.json": "report.json", "report.md": "report.md",
            "world2/gates.json": "world2_gates.json",
            "world2/toyworld2_gates.json": "toyworld2_gates.json",
-           "world2/toy_vfm.safetensors": "toy_vfm.safetensors",
-           "world2/vfm/vfm_log.json": "world2_vfm_log.json"}
+           "world2/toy_vlm.safetensors": "toy_vlm.safetensors",
+           "world2/toy_diffusion.safetensors": "toy_diffusion.safetensors"}
 """What ``--collect`` copies (path under ``--out`` -> name in the flat folder), when present."""
 
 
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="+", choices=[s.name for s in STEPS], default=[],
                     help="all but these")
     ap.add_argument("--collect", type=Path, default=None,
-                    help="at the end, copy the reports and the world-2 try's files into this "
+                    help="at the end, copy the reports and the world-2 tries' files into this "
                          "flat folder (a device machine's $OUT)")
     ap.add_argument("--detect", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scan", action="store_true", help=argparse.SUPPRESS)

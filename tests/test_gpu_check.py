@@ -24,10 +24,10 @@ def test_dry_run_prints_every_step_with_its_time_and_needs(capsys):
     assert "beyond the budget" in text            # the plan is longer than nine minutes
     finishes = [finish for _, finish in gc.plan(9)]
     assert finishes == sorted(finishes)
-    assert [s.name for s in gc.STEPS][:5] == ["detect", "wheels", "world2_vfm", "mamba_ssm",
+    assert [s.name for s in gc.STEPS][:5] == ["detect", "wheels", "world2", "mamba_ssm",
                                               "pytest_gpu"]
-    world2 = next(s for s in gc.STEPS if s.name == "world2_vfm")
-    assert "reprod.toy.regenerate vfm --device cuda --vfm-steps 7200" in world2.command
+    world2 = next(s for s in gc.STEPS if s.name == "world2")
+    assert "reprod.toy.regenerate --untried --device cuda" in world2.command
     assert world2.limit_s < 600                     # one device command runs at most 10 minutes
 
 
@@ -62,14 +62,15 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
 
 def test_collect_copies_what_must_come_home_into_one_flat_folder(tmp_path):
     out = tmp_path / "run"
-    (out / "world2" / "vfm").mkdir(parents=True)
-    for rel in ("report.json", "report.md", "world2/gates.json", "world2/toy_vfm.safetensors",
-                "world2/vfm/vfm_log.json", "world2/vfm/vfm_state.pt", "step_bf16.json"):
+    (out / "world2" / "diffusion").mkdir(parents=True)
+    for rel in ("report.json", "report.md", "world2/gates.json",
+                "world2/toy_diffusion.safetensors", "world2/diffusion/diffusion_state.pt",
+                "step_bf16.json"):
         (out / rel).write_text(rel)
     copied = gc.collect(out, tmp_path / "home")
     names = sorted(p.name for p in copied)
-    assert names == ["report.json", "report.md", "toy_vfm.safetensors", "world2_gates.json",
-                     "world2_vfm_log.json"]                 # the tries file was not written
+    assert names == ["report.json", "report.md", "toy_diffusion.safetensors",
+                     "world2_gates.json"]     # no tries file written, no VLM trained, no state
     assert len(gc.COLLECT) <= 8                             # what a device machine hands back
     assert (tmp_path / "home" / "world2_gates.json").read_text() == "world2/gates.json"
 

@@ -93,3 +93,25 @@ def test_try_names_count_each_models_tries(tmp_path):
     assert gates.next_try_name("diffusion", tries) == "teacher-2"
     assert gates.last_try("vfm", tries) == {"name": "vfm-2"}
     assert gates.last_try("vlm", tries) is None
+
+
+def test_untried_names_the_models_without_a_recorded_try(tmp_path, monkeypatch, capsys):
+    tries = tmp_path / "t.json"
+    assert regenerate.untried(tries) == ["vfm", "vlm", "diffusion"]
+    tries.write_text(json.dumps({"tries": [{"name": "vfm-1"}, {"name": "vlm-1"}]}))
+    assert regenerate.untried(tries) == ["diffusion"]
+    monkeypatch.setattr(gates, "TRIES_FILE", tries)
+    assert regenerate.main(["--untried", "--dry-run", "--out", str(tmp_path), "--describe",
+                            "d"]) == 0
+    plan = capsys.readouterr().out
+    assert "pretrain diffusion" in plan and "pretrain vlm" not in plan
+    tries.write_text(json.dumps({"tries": [{"name": "vfm-1"}, {"name": "vlm-1"},
+                                           {"name": "teacher-1"}]}))
+    assert regenerate.main(["--untried", "--out", str(tmp_path), "--describe", "d"]) == 0
+    assert "nothing to run" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        regenerate.main(["--out", str(tmp_path), "--describe", "d"])
+    assert "or --untried" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        regenerate.main(["vfn", "--out", str(tmp_path), "--describe", "d"])
+    assert "unknown model 'vfn'" in capsys.readouterr().err

@@ -6,6 +6,8 @@
         --describe "the first world-2 VLM and teacher"           # a CPU's hours
     python -m reprod.toy.regenerate vfm vlm diffusion --smoke --out /tmp/w2   # minutes, on a CPU
     python -m reprod.toy.regenerate vfm vlm diffusion --dry-run  # the plan, nothing run
+    python -m reprod.toy.regenerate --untried --device cuda --out runs/world2 \
+        --describe "the committed recipe, on a GPU"   # every model with no recorded try yet
 
 For each model named, in the order given:
 
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from reprod.toy import gates, pretrain
 
-__all__ = ["GATES_OF", "WEIGHTS_OF", "main", "plan", "regenerate"]
+__all__ = ["GATES_OF", "WEIGHTS_OF", "main", "plan", "regenerate", "untried"]
 
 WEIGHTS_OF = {"vfm": "toy_vfm.safetensors", "vlm": "toy_vlm.safetensors",
               "diffusion": "toy_diffusion.safetensors"}
@@ -91,11 +93,19 @@ def regenerate(model: str, out: Path, describe: str, device: str | None = None,
     return entry
 
 
+def untried(tries_file: Path | None = None) -> list[str]:
+    """The toy models with no try recorded in the tries file yet, in pipeline order."""
+    tries_file = tries_file or gates.TRIES_FILE
+    return [m for m in WEIGHTS_OF if gates.last_try(m, tries_file) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reprod.toy.regenerate",
                                  description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+", choices=list(WEIGHTS_OF),
+    ap.add_argument("models", nargs="*", metavar="{vfm,vlm,diffusion}",
                     help="which toy models, in this order")
+    ap.add_argument("--untried", action="store_true",
+                    help="also every model with no try recorded yet (after those named)")
     ap.add_argument("--out", type=Path, required=True, help="runs, weights and gates go here")
     ap.add_argument("--describe", required=True,
                     help="what these tries are (recorded beside their figures)")
@@ -113,7 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--vfm-steps must be positive, got {args.vfm_steps}")
     if not args.describe.strip():
         ap.error("--describe must say what these tries are")
-    for model in args.models:
+    unknown = [m for m in args.models if m not in WEIGHTS_OF]
+    if unknown:
+        ap.error(f"unknown model {unknown[0]!r}; choose from {', '.join(WEIGHTS_OF)}")
+    models = list(args.models)
+    if args.untried:
+        models += [m for m in untried() if m not in models]
+        if not models:
+            print("[regenerate] every toy model has a recorded try; nothing to run")
+            return 0
+    if not models:
+        ap.error("name the models to regenerate, or --untried")
+    for model in models:
         steps = 2 if args.smoke else args.vfm_steps if model == "vfm" else None
         if args.dry_run:
             for what, cmd in plan(model, args.out, args.device, steps, args.chunk_minutes,
