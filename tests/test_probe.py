@@ -130,6 +130,14 @@ def test_the_docs_show_the_recorded_tries_and_the_figures_their_prose_quotes():
     pre = vfm[-1]["pretraining"]
     per_step = 60 * pre["minutes"] / pre["steps_done"]
     assert f"took {pre['minutes']:.0f} min on 2 cores" in doc and f"({per_step:.2f} s a step" in doc
+    vlm = gates.last_try("vlm")                       # "The VLM passes G4 at its first try"
+    g4 = vlm["gates"]["G4"]
+    assert g4["passed"] and vlm["name"] == "vlm-1"
+    assert (f"reaches {g4['maskclip_source']:.1f} mIoU on the source and "
+            f"{g4['maskclip_targets']:.1f} on the targets' mean") in doc
+    assert f"names {g4['crop_top1']:.1f}% of crops" in doc
+    assert f"gets {g4['held_out_iou_source']:.1f} IoU on the source" in doc
+    assert f"{vlm['pretraining']['minutes']:.0f} min on 2 AMX cores" in doc
     readme = " ".join((gates.TRIES_FILE.parents[2] / "README.md").read_text().split())
     count = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}[len(vfm)]
     assert f"has not passed gates G1 and G2 in {count} tries" in readme
