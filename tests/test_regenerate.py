@@ -10,16 +10,17 @@ import torch
 from reprod.toy import gates, pretrain, regenerate
 
 
-def test_dry_run_prints_each_models_three_commands(capsys):
+def test_dry_run_prints_each_models_four_commands(capsys):
     assert regenerate.main(["vfm", "vlm", "--out", "o", "--describe", "d", "--vfm-steps", "7200",
                             "--device", "cuda", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6
+    assert len(lines) == 8
     assert lines[0].startswith("python -m reprod.toy.pretrain vfm --run-dir o/vfm --steps 7200")
     assert "--until-done" in lines[0] and "--export --out o/toy_vfm.safetensors" in lines[1]
     assert lines[2] == "python -m reprod.toy.gates --gates G1 G2 --weights o --out o/gates.json"
-    assert "--steps" not in lines[3]
-    assert lines[5] == "python -m reprod.toy.gates --gates G4 --weights o --out o/gates.json"
+    assert lines[3].endswith("--export --card --out o/toy_vfm.safetensors"), lines[3]
+    assert "--steps" not in lines[4]
+    assert lines[6] == "python -m reprod.toy.gates --gates G4 --weights o --out o/gates.json"
 
 
 def test_a_smoke_plan_takes_two_steps_and_small_gates(capsys):
@@ -68,7 +69,8 @@ def test_regenerate_records_the_models_next_try_with_only_its_own_gates(tmp_path
     monkeypatch.setattr(pretrain, "main", fake_pretrain)
     monkeypatch.setattr(gates, "main", fake_gates)
     entry = regenerate.regenerate("vlm", out, "the first world-2 VLM")
-    assert [c[0] for c in calls] == ["pretrain", "pretrain", "gates"]
+    assert [c[0] for c in calls] == ["pretrain", "pretrain", "gates", "pretrain"]
+    assert calls[-1][1][-3:] == ["--card", "--out", str(out / "toy_vlm.safetensors")]
     assert entry["name"] == "vlm-2"
     assert entry["gates"] == {"G4": {"passed": False}} and set(entry["results"]) == {"vlm"}
     assert entry["weights"] == {"toy_vlm.safetensors": "ab"} and entry["seconds"] == {"G4": 5.0}

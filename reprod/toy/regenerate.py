@@ -19,13 +19,19 @@ For each model named, in the order given:
    VFM was measured there, else from the last VFM try) into ``OUT/gates.json``;
 4. record that measurement as the model's next try in ``docs/results/toyworld2_gates.json``
    (``vfm-3``, ``vlm-1``, ``teacher-1``), passed or not, and copy that file into ``OUT`` (a GPU
-   machine hands back only its output folder).
+   machine hands back only its output folder);
+5. write its model card beside the weights (``OUT/toy_vfm.md`` and ``.json``: config, time and
+   hardware, the gates just measured, and the card's own measurements: the VFM's probe rows,
+   the VLM's retrieval and zero-shot maps, the teacher's layout probes).
 
 ``--smoke`` runs the whole pipeline in minutes (two steps of each model, the gates' ``--small``
 version, nothing recorded): run it on the CPU before spending a GPU's minutes.
 
 Nothing is copied into ``lessons/weights``: a person reads the gates first, and no method of the
-course runs on world 2 before every gate's figure is recorded. A run that was stopped resumes
+course runs on world 2 before every gate's figure is recorded. Committing a model is copying its
+three files (``toy_<model>.safetensors``, ``.md``, ``.json``) into ``lessons/weights`` and its
+gate verdicts into ``lessons/weights/gates.json``; ``tests/test_toy_weights.py`` checks that the
+committed weights are the ones the model's last try measured. A run that was stopped resumes
 where it stopped when the same command is given again (same ``OUT``, same steps).
 """
 
@@ -49,15 +55,20 @@ GATES_OF = {"vfm": ("G1", "G2"), "vlm": ("G4",), "diffusion": ("G5",)}
 def plan(model: str, out: Path, device: str | None = None, steps: int | None = None,
          chunk_minutes: float = 9.0, workers: int | None = None, small: bool = False
          ) -> dict[str, list[str]]:
-    """The argument lists of one model's three commands: pretrain, export, gates."""
+    """The argument lists of one model's commands: pretrain, export, gates, and (not for a
+    ``small`` smoke run) the card."""
     run = ["--run-dir", str(out / model)] + (["--steps", str(steps)] if steps else [])
     run += ["--device", device] if device else []
     train = ["--until-done", "--chunk-minutes", str(chunk_minutes)]
     train += ["--workers", str(workers)] if workers is not None else []
-    return {"pretrain": [model, *run, *train],
-            "export": [model, *run, "--export", "--out", str(out / WEIGHTS_OF[model])],
-            "gates": ["--gates", *GATES_OF[model], "--weights", str(out),
-                      "--out", str(out / "gates.json")] + (["--small"] if small else [])}
+    commands = {"pretrain": [model, *run, *train],
+                "export": [model, *run, "--export", "--out", str(out / WEIGHTS_OF[model])],
+                "gates": ["--gates", *GATES_OF[model], "--weights", str(out),
+                          "--out", str(out / "gates.json")] + (["--small"] if small else [])}
+    if not small:                   # a smoke run records nothing, so it writes no card either
+        commands["card"] = [model, *run, "--export", "--card", "--out",
+                            str(out / WEIGHTS_OF[model])]
+    return commands
 
 
 def regenerate(model: str, out: Path, describe: str, device: str | None = None,
@@ -90,6 +101,9 @@ def regenerate(model: str, out: Path, describe: str, device: str | None = None,
     print(f"[regenerate] {model}: recorded try {name!r} ({time.perf_counter() - start:.0f} s)")
     for line in gates.gate_lines(entry["gates"]):
         print(f"[regenerate]   {line}")
+    print(f"[regenerate] {model}: card", flush=True)
+    if pretrain.main(commands["card"]) != 0:
+        raise SystemExit(f"error: {model}'s card step failed")
     return entry
 
 
