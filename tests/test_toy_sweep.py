@@ -3,6 +3,7 @@ lesson checkpoints and results it made (they load, fit the code and re-measure a
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -128,3 +129,37 @@ def test_jobs_train_runs_in_parallel_processes_with_the_same_results(tmp_path, c
     with pytest.raises(SystemExit):
         toy_sweep.main([*args, "--out", str(tmp_path / "x"), "--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# reprod.toy.bench_sweep: where a sweep run's time goes
+# ----------------------------------------------------------------------------------------------
+def test_the_projection_adds_the_pieces_of_a_run():
+    from reprod.toy.bench_sweep import Costs, project
+
+    c = Costs(method="m", render=0.1)
+    c.update({"augment, per image": 0.05, "augment, batched": 0.01, "step fp32": 1.0,
+              "step bf16": 0.5, "forward fp32": 0.02, "forward bf16": 0.01,
+              "render, evaluation": 0.001})
+    r = project(c, steps=10, validations=2, val_scenes=5, test_scenes=3, train_scenes=32)
+    test = 9 * 3 * (0.001 + 0.02)
+    assert r["today"] == pytest.approx(10 * (0.1 + 0.05 + 1.0) + 2 * 5 * 0.021 + test)
+    faster = 2 * 0.1 + 5 * 0.001 + 10 * (0.01 + 0.5) + 2 * 5 * 0.01 + test
+    assert r["cached and batched"] == pytest.approx(faster)
+    c["step bf16"] = c["forward bf16"] = None          # bf16 emulated: the fp32 figures stand
+    assert project(c, steps=10, validations=2, val_scenes=5, test_scenes=3,
+                   train_scenes=32)["cached and batched"] > faster
+
+
+def test_the_sweep_bench_measures_a_method_and_names_a_bad_one(tmp_path, capsys):
+    from reprod.toy import bench_sweep
+
+    out = tmp_path / "b.json"
+    assert bench_sweep.main(["--methods", "scratch", "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "scratch |" in text and "x |" in text
+    record = json.loads(out.read_text())
+    assert record["pieces"][0]["step fp32"] > 0 and record["runs"]["scratch"]["today"] > 0
+    with pytest.raises(SystemExit):
+        bench_sweep.main(["--methods", "nope"])
+    assert "unknown method 'nope'" in capsys.readouterr().err

@@ -15,6 +15,8 @@ from reprod.toy.resumable import sha256
 
 MODELS = ("toy_vfm", "toy_vlm", "toy_diffusion")
 WEIGHTS_DIR = toy_weights_dir(tw.COURSE_WORLD)
+WORLD2_DIR = toy_weights_dir(tw.TOYWORLD_VERSION)
+WORLD2_MODELS = [m for m in MODELS if (WORLD2_DIR / f"{m}.safetensors").is_file()]
 
 
 def _card(model: str) -> dict:
@@ -101,3 +103,27 @@ def test_the_diffusion_teacher_denoises_and_its_probe_beats_a_random_unet():
     strong = next(v for k, v in probe.items() if k.startswith("toy DDPM") and "strong" in k)
     rand = next(v for k, v in probe.items() if k.startswith("random-init"))
     assert np.mean(list(strong.values())) > np.mean(list(rand.values())) + 5e-2, probe
+
+
+@pytest.mark.skipif(tw.COURSE_WORLD == tw.TOYWORLD_VERSION,
+                    reason="the course's world: the tests above check its models")
+@pytest.mark.parametrize("model", WORLD2_MODELS)
+def test_a_world2_model_enters_lessons_weights_as_its_recorded_try(model):
+    """Before the course moves to world 2, a world-2 toy model enters ``lessons/weights`` only
+    as the weights its model's last recorded try measured (``docs/results/
+    toyworld2_gates.json``): the card's SHA-256 is the file's and the try's, the card says
+    ToyWorld 2, and its gate lines are the try's verdicts, passed or not."""
+    from reprod.toy.gates import gate_lines, last_try
+
+    weights = WORLD2_DIR / f"{model}.safetensors"
+    card = json.loads((WORLD2_DIR / f"{model}.json").read_text())
+    assert card["sha256"] == sha256(weights), f"{model}: the card describes other weights"
+    assert card["toyworld_version"] == tw.TOYWORLD_VERSION
+    assert card["steps_done"] == card["config"]["steps"]
+    last = last_try(model.removeprefix("toy_"))
+    assert last is not None, f"{model}: no try of it is recorded"
+    assert last["weights"].get(weights.name) == card["sha256"], \
+        f"{model}: the committed weights are not the ones try {last['name']} measured"
+    text = (WORLD2_DIR / f"{model}.md").read_text()
+    for line in gate_lines(last["gates"]):
+        assert line in text, f"{model}'s card does not say {line!r}"
