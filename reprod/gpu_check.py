@@ -14,15 +14,14 @@ step would not fit the time budget:
 1. ``detect``: the GPU, its memory, torch and CUDA versions;
 2. ``wheels``: installs the carried wheels the bare machine lacks (``--wheels``: open_clip_torch,
    diffusers, ftfy, ...; ``make gpu-carry`` downloads them); the repository runs from its root;
-3. ``world2``: world 2's toy models that have no recorded try yet (``reprod.toy.regenerate
-   --untried``: the teacher, and the VLM if no CPU has given it; pretraining in bf16 with data
-   workers, fp16 weights, their gates G4 / G5, recorded as tries; everything under
-   ``OUT/world2``; nothing to do once every model has a try). It comes first because world 2's
-   gates block the course's next lessons. The VFM's tries stopped at three (docs/toyworld.md).
-   Expected within one device command (the teacher's 1,500 steps are fewer ops than the VFM's
-   7,200, which were estimated at 7 to 8 minutes on an H100). It saves every 2 minutes, so if its
-   limit stops it, the same command again on the still-warm machine resumes it
-   (``--only world2``); the rest follows in a second command (``--skip world2``);
+3. ``world2``: world 2's toy models that have no recorded try yet, or whose weights
+   ``lessons/weights`` does not hold yet (``reprod.toy.regenerate --untried --uncommitted``: the
+   committed recipe, pretrained in bf16 with data workers, fp16 weights, their gates, recorded as
+   tries, and their cards; everything under ``OUT/world2``, ready to commit; nothing to do once
+   every model is committed). It comes first because a 2-core CPU needs one to two hours per
+   model (the VFM's 7,200 steps were estimated at 7 to 8 minutes on an H100). It saves every 2
+   minutes, so if its limit stops it, the same command again on the still-warm machine resumes
+   it (``--only world2``); the rest follows in a second command (``--skip world2``);
 4. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
    carried sdist (``reprod.install_mamba_ssm --sdist``); skipped when it already imports;
 5. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
@@ -59,7 +58,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["COLLECT", "STEPS", "Step", "collect", "main", "plan", "run_steps"]
+__all__ = ["COLLECT", "COLLECT_MODELS", "STEPS", "Step", "collect", "main", "plan", "run_steps"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("runs/gpu_check")
@@ -91,8 +90,9 @@ STEPS: tuple[Step, ...] = (
     Step("wheels", "{py} -m pip install -q --no-index --no-deps {wheels}/*.whl", 40,
          "--wheels: a folder of carried wheels (make gpu-carry fills .whl/)",
          optional=True),
-    Step("world2", "{py} -m reprod.toy.regenerate --untried --device cuda --chunk-minutes 2 "
-         "--out {out}/world2 --describe \"the committed recipe, on a GPU in bf16\"", 450,
+    Step("world2", "{py} -m reprod.toy.regenerate --untried --uncommitted --device cuda "
+         "--chunk-minutes 2 --out {out}/world2 --describe \"the committed recipe, on a GPU in "
+         "bf16\"", 450,
          "timm, open_clip, diffusers, safetensors (carried wheels)", limit_s=570),
     Step("mamba_ssm", "{py} -m reprod.install_mamba_ssm --sdist {sdist}", 180,
          "--sdist: mamba-ssm's source archive, nvcc", limit_s=420, optional=True),
@@ -226,21 +226,33 @@ def run_steps(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 COLLECT = {"report.json": "report.json", "report.md": "report.md",
            "world2/gates.json": "world2_gates.json",
-           "world2/toyworld2_gates.json": "toyworld2_gates.json",
-           "world2/toy_vlm.safetensors": "toy_vlm.safetensors",
-           "world2/toy_diffusion.safetensors": "toy_diffusion.safetensors"}
+           "world2/toyworld2_gates.json": "toyworld2_gates.json"}
 """What ``--collect`` copies (path under ``--out`` -> name in the flat folder), when present."""
+COLLECT_MODELS = ("toy_vfm", "toy_vlm", "toy_diffusion")
+"""World-2 toy models ``--collect`` brings home as one ``<model>.tar`` each (weights, card),
+when ``world2`` made them: a device machine hands back at most eight files."""
 
 
 def collect(out: Path, dest: Path) -> list[Path]:
-    """Copy the files of :data:`COLLECT` that exist under ``out`` into ``dest``; returns them."""
+    """Copy the files of :data:`COLLECT` that exist under ``out`` into ``dest``, and each model
+    of :data:`COLLECT_MODELS` made under ``out/world2`` as a tar of its weights and card files;
+    returns what it wrote."""
     import shutil
+    import tarfile
 
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for src, name in COLLECT.items():
         if (out / src).is_file():
             copied.append(Path(shutil.copy(out / src, dest / name)))
+    for model in COLLECT_MODELS:
+        files = [out / "world2" / f"{model}{ext}" for ext in (".safetensors", ".md", ".json")]
+        if files[0].is_file():
+            with tarfile.open(dest / f"{model}.tar", "w") as tar:
+                for f in files:
+                    if f.is_file():
+                        tar.add(f, arcname=f.name)
+            copied.append(dest / f"{model}.tar")
     return copied
 
 

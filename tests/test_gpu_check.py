@@ -27,7 +27,7 @@ def test_dry_run_prints_every_step_with_its_time_and_needs(capsys):
     assert [s.name for s in gc.STEPS][:5] == ["detect", "wheels", "world2", "mamba_ssm",
                                               "pytest_gpu"]
     world2 = next(s for s in gc.STEPS if s.name == "world2")
-    assert "reprod.toy.regenerate --untried --device cuda" in world2.command
+    assert "reprod.toy.regenerate --untried --uncommitted --device cuda" in world2.command
     assert world2.limit_s < 600                     # one device command runs at most 10 minutes
 
 
@@ -62,17 +62,23 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
 
 def test_collect_copies_what_must_come_home_into_one_flat_folder(tmp_path):
     out = tmp_path / "run"
+    import tarfile
+
     (out / "world2" / "diffusion").mkdir(parents=True)
     for rel in ("report.json", "report.md", "world2/gates.json",
-                "world2/toy_diffusion.safetensors", "world2/diffusion/diffusion_state.pt",
+                "world2/toy_diffusion.safetensors", "world2/toy_diffusion.md",
+                "world2/toy_diffusion.json", "world2/diffusion/diffusion_state.pt",
                 "step_bf16.json"):
         (out / rel).write_text(rel)
     copied = gc.collect(out, tmp_path / "home")
     names = sorted(p.name for p in copied)
-    assert names == ["report.json", "report.md", "toy_diffusion.safetensors",
+    assert names == ["report.json", "report.md", "toy_diffusion.tar",
                      "world2_gates.json"]     # no tries file written, no VLM trained, no state
-    assert len(gc.COLLECT) <= 8                             # what a device machine hands back
+    assert len(gc.COLLECT) + len(gc.COLLECT_MODELS) <= 8     # a device machine hands back 8
     assert (tmp_path / "home" / "world2_gates.json").read_text() == "world2/gates.json"
+    with tarfile.open(tmp_path / "home" / "toy_diffusion.tar") as tar:
+        assert sorted(tar.getnames()) == ["toy_diffusion.json", "toy_diffusion.md",
+                                          "toy_diffusion.safetensors"]
 
 
 def test_skip_leaves_steps_out_of_the_report(tmp_path, monkeypatch):

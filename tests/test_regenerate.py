@@ -117,3 +117,18 @@ def test_untried_names_the_models_without_a_recorded_try(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         regenerate.main(["vfn", "--out", str(tmp_path), "--describe", "d"])
     assert "unknown model 'vfn'" in capsys.readouterr().err
+
+
+def test_uncommitted_names_the_models_lessons_weights_lacks(tmp_path, monkeypatch, capsys):
+    assert regenerate.uncommitted(tmp_path) == ["vfm", "vlm", "diffusion"]
+    (tmp_path / "toy_vlm.safetensors").write_bytes(b"x")
+    (tmp_path / "toy_diffusion.safetensors").write_bytes(b"x")
+    assert regenerate.uncommitted(tmp_path) == ["vfm"]
+    monkeypatch.setattr(regenerate, "uncommitted", lambda: ["vfm"])
+    monkeypatch.setattr(regenerate, "untried", lambda: [])        # every model has a try
+    assert regenerate.main(["--untried", "--uncommitted", "--dry-run", "--out", "o",
+                            "--describe", "d"]) == 0
+    assert "pretrain vfm" in capsys.readouterr().out
+    monkeypatch.setattr(regenerate, "uncommitted", lambda: [])
+    assert regenerate.main(["--uncommitted", "--out", "o", "--describe", "d"]) == 0
+    assert "every toy model is in lessons/weights; nothing to run" in capsys.readouterr().out

@@ -121,7 +121,7 @@ RUN_DIR = Path("runs/pretrain_toy")             # + /vfm, /vlm or /diffusion
 class VFMConfig:
     """Hyper-parameters of the toy VFM's self-supervised pretraining."""
 
-    steps: int = 3600
+    steps: int = 7200                 # try vfm-3's (docs/results/toyworld2_gates.json)
     batch_size: int = 32              # scene pairs per step
     lr: float = 5e-4
     min_lr: float = 1e-5

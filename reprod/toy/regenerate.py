@@ -8,6 +8,8 @@
     python -m reprod.toy.regenerate vfm vlm diffusion --dry-run  # the plan, nothing run
     python -m reprod.toy.regenerate --untried --device cuda --out runs/world2 \
         --describe "the committed recipe, on a GPU"   # every model with no recorded try yet
+    python -m reprod.toy.regenerate --uncommitted --device cuda --out runs/world2 \
+        --describe "..."                  # every model whose weights lessons/weights lacks
 
 For each model named, in the order given:
 
@@ -45,7 +47,7 @@ from pathlib import Path
 
 from reprod.toy import gates, pretrain
 
-__all__ = ["GATES_OF", "WEIGHTS_OF", "main", "plan", "regenerate", "untried"]
+__all__ = ["GATES_OF", "WEIGHTS_OF", "main", "plan", "regenerate", "uncommitted", "untried"]
 
 WEIGHTS_OF = {"vfm": "toy_vfm.safetensors", "vlm": "toy_vlm.safetensors",
               "diffusion": "toy_diffusion.safetensors"}
@@ -113,6 +115,16 @@ def untried(tries_file: Path | None = None) -> list[str]:
     return [m for m in WEIGHTS_OF if gates.last_try(m, tries_file) is None]
 
 
+def uncommitted(weights_dir: Path | None = None) -> list[str]:
+    """The toy models whose world-2 weights ``lessons/weights`` does not hold yet, in pipeline
+    order (a GPU remakes them with the committed recipe in minutes; each is still a try)."""
+    from lessons.backbones import toy_weights_dir
+    from lessons.toyworld import TOYWORLD_VERSION
+
+    weights_dir = weights_dir or toy_weights_dir(TOYWORLD_VERSION)
+    return [m for m, name in WEIGHTS_OF.items() if not (weights_dir / name).is_file()]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reprod.toy.regenerate",
                                  description=__doc__.splitlines()[0])
@@ -120,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="which toy models, in this order")
     ap.add_argument("--untried", action="store_true",
                     help="also every model with no try recorded yet (after those named)")
+    ap.add_argument("--uncommitted", action="store_true",
+                    help="also every model whose world-2 weights lessons/weights lacks")
     ap.add_argument("--out", type=Path, required=True, help="runs, weights and gates go here")
     ap.add_argument("--describe", required=True,
                     help="what these tries are (recorded beside their figures)")
@@ -141,13 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown model {unknown[0]!r}; choose from {', '.join(WEIGHTS_OF)}")
     models = list(args.models)
-    if args.untried:
-        models += [m for m in untried() if m not in models]
-        if not models:
-            print("[regenerate] every toy model has a recorded try; nothing to run")
-            return 0
+    asked = [(done, more) for flag, done, more in (
+        (args.untried, "has a recorded try", untried),
+        (args.uncommitted, "is in lessons/weights", uncommitted)) if flag]
+    for _, more in asked:
+        models += [m for m in more() if m not in models]
+    if not models and asked:
+        print(f"[regenerate] every toy model {' and '.join(d for d, _ in asked)}; nothing to run")
+        return 0
     if not models:
-        ap.error("name the models to regenerate, or --untried")
+        ap.error("name the models to regenerate, or --untried / --uncommitted")
     for model in models:
         steps = 2 if args.smoke else args.vfm_steps if model == "vfm" else None
         if args.dry_run:
