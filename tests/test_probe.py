@@ -139,9 +139,22 @@ def test_the_docs_show_the_recorded_tries_and_the_figures_their_prose_quotes():
     assert f"names {g4['crop_top1']:.1f}% of crops" in doc
     assert f"gets {g4['held_out_iou_source']:.1f} IoU on the source" in doc
     assert f"{vlm['pretraining']['minutes']:.0f} min on 2 AMX cores" in doc
+    teacher = gates.last_try("diffusion")      # "The teacher passes G5, the invariance half ..."
+    g5 = teacher["gates"]["G5"]
+    assert g5["passed"] and teacher["name"] == "teacher-1"
+    assert 0 < g5["cosine_strong"] - g5["cosine_weak"] < 0.05                  # "only just"
+    assert (f"reaches {g5['teacher_probe_painted']:.1f} mIoU where the student's frozen probe "
+            f"(try {vfm[-1]['name']}) reaches {g5['student_probe_painted']:.1f}") in doc
+    assert (f"a mean cosine of {g5['cosine_strong']:.3f} against {g5['cosine_weak']:.3f} over "
+            f"{gates._scale(False)['pairs']} scenes") in doc
+    assert f"{teacher['pretraining']['minutes']:.0f} min on 2 AMX cores" in doc
+    short = [three[k]["needs"] - three[k]["margin"] for k in ("G1", "G2")]   # "what it costs"
+    assert (f"{short[0]:.1f} points short of G1's usefulness margin and a probe {short[1]:.1f} "
+            "points short of G2's headroom") in doc
     readme = " ".join((gates.TRIES_FILE.parents[2] / "README.md").read_text().split())
     count = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}[len(vfm)]
     assert f"has not passed gates G1 and G2 in {count} tries" in readme
+    assert "its toy VLM passed G4 and its teacher G5 at their first" in readme
 
 
 def test_the_headroom_paragraph_quotes_its_results_files():
