@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lessons import toyworld as tw
-from reprod.toy import resumable
+from reprod.toy import pretrain, resumable
 from reprod.toy.pretrain import (
     DINOHead,
     VFMConfig,
@@ -236,3 +236,13 @@ def test_pretrain_refuses_negative_workers(capsys):
     with pytest.raises(SystemExit):
         main(["vfm", "--workers", "-1"])
     assert "--workers must be >= 0" in capsys.readouterr().err
+
+
+def test_card_alone_needs_the_weights_at_out(tmp_path, capsys):
+    """``--card`` without ``--export`` describes weights already written (the file a try's gates
+    measured): a missing file is a one-line error, not a fresh export."""
+    with pytest.raises(SystemExit):
+        pretrain.main(["diffusion", "--run-dir", str(tmp_path / "run"), "--card", "--out",
+                       str(tmp_path / "missing.safetensors")])
+    assert "--card alone writes the card of the weights at --out" in capsys.readouterr().err
+    assert not (tmp_path / "missing.safetensors").exists()

@@ -18,7 +18,8 @@ def test_dry_run_prints_each_models_four_commands(capsys):
     assert lines[0].startswith("python -m reprod.toy.pretrain vfm --run-dir o/vfm --steps 7200")
     assert "--until-done" in lines[0] and "--export --out o/toy_vfm.safetensors" in lines[1]
     assert lines[2] == "python -m reprod.toy.gates --gates G1 G2 --weights o --out o/gates.json"
-    assert lines[3].endswith("--export --card --out o/toy_vfm.safetensors"), lines[3]
+    assert lines[3].endswith("--card --out o/toy_vfm.safetensors"), lines[3]
+    assert "--export" not in lines[3]          # the card describes the file the gates measured
     assert "--steps" not in lines[4]
     assert lines[6] == "python -m reprod.toy.gates --gates G4 --weights o --out o/gates.json"
 

@@ -667,7 +667,10 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="VFM only")
     ap.add_argument("--export", action="store_true", help="write the fp16 weights and stop")
     ap.add_argument("--card", action="store_true",
-                    help="with --export: measure the weights and write the model card")
+                    help="measure the weights and write the model card beside them: with "
+                         "--export, of the weights it writes; alone, of those already at --out "
+                         "(a re-export can differ in its header's bytes, so the card of a "
+                         "measured file is written for that file)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where --export writes (default: lessons/weights/<bundle weights>)")
     ap.add_argument("--threads", type=int, default=None)
@@ -704,6 +707,12 @@ def _main(argv: list[str] | None) -> int:
         ap.exit(2, f"error: {e}\n")
     print(f"{'resumed at step ' + str(run.step) if resumed else 'new run'} "
           f"({run.cfg.steps} steps, {hardware()})", flush=True)
+    if args.card and not args.export:
+        if args.out is None or not args.out.is_file():
+            ap.exit(2, f"error: --card alone writes the card of the weights at --out; "
+                       f"{args.out} is not a file (add --export to write them first)\n")
+        print(f"wrote {_measure_and_card(run, args.out)}", flush=True)
+        return 0
     if args.export:
         path = run.export(args.out)
         print(f"wrote {path} (step {run.step})")

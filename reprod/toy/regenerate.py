@@ -68,8 +68,8 @@ def plan(model: str, out: Path, device: str | None = None, steps: int | None = N
                 "gates": ["--gates", *GATES_OF[model], "--weights", str(out),
                           "--out", str(out / "gates.json")] + (["--small"] if small else [])}
     if not small:                   # a smoke run records nothing, so it writes no card either
-        commands["card"] = [model, *run, "--export", "--card", "--out",
-                            str(out / WEIGHTS_OF[model])]
+        commands["card"] = [model, *run, "--card", "--out",      # of the file just measured:
+                            str(out / WEIGHTS_OF[model])]       # no re-export (safetensors#584)
     return commands
 
 
