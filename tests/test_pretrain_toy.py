@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -246,3 +248,28 @@ def test_card_alone_needs_the_weights_at_out(tmp_path, capsys):
                        str(tmp_path / "missing.safetensors")])
     assert "--card alone writes the card of the weights at --out" in capsys.readouterr().err
     assert not (tmp_path / "missing.safetensors").exists()
+
+
+def test_a_cards_text_is_rewritten_without_re_measuring_the_same_weights(tmp_path, monkeypatch):
+    """A card beside the very same file lends its measurement (the teacher's layout probes take
+    a quarter of an hour); a card of other weights does not."""
+    from reprod.toy import diffusion
+    from reprod.toy.diffusion import DiffusionConfig, DiffusionRun
+
+    run = DiffusionRun(DiffusionConfig(steps=1, batch_size=2), tmp_path / "run", "cpu")
+    weights = run.export(tmp_path / "toy_diffusion.safetensors")
+    probe = {"toy DDPM, t_s=100 (strong)": {"synthetic": 0.5}}
+    (tmp_path / "toy_diffusion.json").write_text(json.dumps(
+        {"sha256": resumable.sha256(weights), "layout_probe": probe}))
+
+    def measured_again(_):
+        raise AssertionError("re-measured the same weights")
+
+    monkeypatch.setattr(diffusion, "layout_probe", measured_again)
+    pretrain._measure_and_card(run, weights)
+    assert json.loads((tmp_path / "toy_diffusion.json").read_text())["layout_probe"] == probe
+    (tmp_path / "toy_diffusion.json").write_text(json.dumps({"sha256": "other",
+                                                             "layout_probe": probe}))
+    monkeypatch.setattr(diffusion, "layout_probe", lambda _: {"fresh": {"synthetic": 0.1}})
+    pretrain._measure_and_card(run, weights)
+    assert "fresh" in json.loads((tmp_path / "toy_diffusion.json").read_text())["layout_probe"]

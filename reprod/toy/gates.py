@@ -321,12 +321,19 @@ def probe_table(weights: Path, small: bool = False) -> dict[str, dict[str, float
     return rows
 
 
+def _figure(key: str, x: object) -> str:
+    """A gate figure as text: mIoU points to 0.1, cosines to 0.001 (G5's differ in the third)."""
+    if not isinstance(x, float):
+        return str(x)
+    return f"{x:.3f}" if key.startswith("cosine") else f"{x:.1f}"
+
+
 def gate_lines(verdicts: dict) -> list[str]:
     """One line per gate, with its figures, for cards and the command's output."""
     out = []
     for name, v in sorted(verdicts.items()):
-        figures = ", ".join(f"{k} {x:.1f}" if isinstance(x, float) else f"{k} {x}"
-                            for k, x in v.items() if k not in ("passed", "needs"))
+        figures = ", ".join(f"{k} {_figure(k, x)}" for k, x in v.items()
+                            if k not in ("passed", "needs"))
         needs = v.get("needs")
         needs = "" if needs is None else f" (needs {needs})"
         out.append(f"{name}: {'passed' if v['passed'] else 'NOT passed'}; {figures}{needs}")

@@ -738,19 +738,30 @@ def default_workers(device: torch.device) -> int:
 def _measure_and_card(run: ResumableRun, weights: Path) -> Path:
     """Write the card beside exported weights: the gates recorded for them (run
     ``python -m reprod.toy.gates`` first) and each model's own measurement (the VFMs' probes,
-    the VLM's retrieval, crops and zero-shot maps, the teacher's layout probes)."""
+    the VLM's retrieval, crops and zero-shot maps, the teacher's layout probes). A card already
+    beside the very same file (same SHA-256) lends its measurement: rewriting a card's text
+    does not re-measure (the teacher's takes a quarter of an hour on 2 cores)."""
+    from reprod.toy.resumable import sha256
+
+    card = weights.with_suffix(".json")
+    earlier = json.loads(card.read_text()) if card.is_file() else {}
+    if earlier.get("sha256") != sha256(weights):
+        earlier = {}
+    elif earlier:
+        print(f"reusing the measurements of {card} (the same weights)", flush=True)
     if run.name == "diffusion":
         from reprod.toy import diffusion
 
-        return diffusion.write_card(run, diffusion.layout_probe(weights), weights)
+        probe = earlier.get("layout_probe") or diffusion.layout_probe(weights)
+        return diffusion.write_card(run, probe, weights)
     if isinstance(run, VFMRun):
         from reprod.toy.gates import probe_table
 
-        return write_card(run, probe_table(weights), weights)
+        return write_card(run, earlier.get("probe") or probe_table(weights), weights)
     from reprod.toy.vlm import measure
     from reprod.toy.vlm import write_card as write_vlm_card
 
-    return write_vlm_card(run, measure(weights), weights)
+    return write_vlm_card(run, earlier.get("measured") or measure(weights), weights)
 
 
 def main(argv: list[str] | None = None) -> int:
