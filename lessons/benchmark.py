@@ -2,12 +2,20 @@
 
 ``METHODS`` lists every model the course trains on ToyWorld (which lesson shows it, how to build
 it, its recipe's training knobs); ``run_one`` trains one (method, seed) under the toy benchmark
-protocol (``lessons.toyworld.TOY_BENCHMARK``): train on ``synthetic`` with the same budget for
+protocol (``lessons.toyworld.toy_benchmark``): train on ``synthetic`` with the same budget for
 every method (``lessons.train``; the recipes' random flip and photometric distortion,
 ``lessons.augment``), select the checkpoint by mIoU on the ``validation`` style, then score the
 source test split and every target domain (mIoU, and every class's IoU, None where a class is
 absent). The scores are measured on the checkpoint as written (fp16 tensors loaded back), so a
-notebook that loads it and evaluates the same scenes gets the same numbers.
+notebook that loads it and evaluates the same scenes gets the same numbers. Each run records
+its validation curve (the mIoU at every validation), from which a budget is judged converged.
+
+The loop differs by world. World 1's committed runs were made as ``SWEEP_TRAIN`` says: scenes
+rendered on the fly, the augmentation drawn per image (``lessons.augment.Augmented``), float32.
+World 2's (``SWEEP_TRAIN_2``) renders the training and validation scenes once
+(``lessons.toyworld.Rendered``), draws the augmentation per batch (``augment_batch``, the same
+distributions) and trains under bfloat16 autocast where it is native (``lessons.utils.bf16_native``;
+float32 elsewhere): the same protocol, a faster loop (``python -m reprod.toy.bench_sweep``).
 
 Reading the runs: ``summary`` gives each method's mean and **sample** standard deviation
 (ddof = 1) over seeds; ``paired_difference`` compares two methods seed by seed, the mean of the
@@ -42,7 +50,9 @@ from lessons.checkpoints import (
 )
 from lessons.train import TrainConfig, evaluate, train
 from lessons.utils import (
+    bf16_native,
     count_parameters,
+    get_device,
     hardware,
     lessons_digest,
     module_closure,
@@ -50,9 +60,9 @@ from lessons.utils import (
 )
 
 __all__ = [
-    "METHODS", "RESULTS_FILE", "SWEEP_TRAIN", "Method", "checkpoint_path", "is_done",
-    "load_results", "markdown_table", "paired_difference", "run_key", "run_one", "summary",
-    "train_config",
+    "METHODS", "RESULTS_FILE", "RUNTIME_KEYS", "SWEEP_TRAIN", "SWEEP_TRAIN_2", "Method",
+    "checkpoint_path", "is_done", "load_results", "markdown_table", "paired_difference",
+    "run_key", "run_one", "seeds_of", "summary", "sweep_train", "train_config",
 ]
 
 RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"
@@ -67,18 +77,28 @@ class Method:
     builder_kwargs: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)     # TrainConfig overrides for this method
     label: str = ""
-    seeds: tuple[int, ...] | None = None          # None: the benchmark's seeds; ablations: (0,)
+    seeds: tuple[int, ...] | None = None          # world 1: None the benchmark's, ablations (0,)
     augment: bool = True              # the recipes' flip + photometric distortion (lessons.augment)
     keep_checkpoint: bool = True      # ablations keep results only
+    worlds: tuple[str, ...] = ("1.0", "2.0")      # the worlds whose sweep runs it
+    explore: bool = False             # world 2: an open choice explored at seed 0, no comparison
 
 
 # The same budget for every method (the toy benchmark compares at equal steps and batch).
+# World 1's, under which its committed runs were made:
 SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedule="poly",
                    eval_every=100, select_best=True)
+# World 2's: the same knobs in the faster loop (module docstring); the augmentation is the
+# method's (``Method.augment``) and bf16 autocast is set where native (``train_config``)
+SWEEP_TRAIN_2 = dict(SWEEP_TRAIN)
+# Knobs that say how a run was computed, not what was trained: a result made with another
+# value (bf16 or not, a GPU or not) counts as the same run
+RUNTIME_KEYS = ("progress", "device", "num_workers", "autocast")
 
 _SEG = "lessons.segmentor:build_toy_segmentor"
 _TQDM = "lessons.mask2former:build_toy_tqdm"
 _REIN_M2F = "lessons.mask2former:build_toy_rein_mask2former"
+_FROZEN_M2F = "lessons.mask2former:build_toy_frozen_mask2former"
 _CATSEG = "lessons.catseg:build_toy_catseg"
 _QUERYDIFF = "lessons.querydiff:build_toy_querydiff"
 _MFUSER = "lessons.mfuser:build_toy_mfuser"
@@ -94,15 +114,19 @@ METHODS: dict[str, Method] = {
     # ablations behind notebook 02's exercises (seed 0 only, results without checkpoints)
     "rein_zero_init": Method("02_rein", _SEG, {"method": "rein", "zero_init": True},
                              label="Rein, paper init", seeds=(0,),
-                             keep_checkpoint=False),
+                             keep_checkpoint=False, explore=True),
     "rein_m5": Method("02_rein", _SEG, {"method": "rein", "token_length": 5},
                       label="Rein, 5 tokens", seeds=(0,),
-                      keep_checkpoint=False),
+                      keep_checkpoint=False, explore=True),
     "full_lr_0.1": Method("02_rein", _SEG, {"method": "full", "backbone_lr_mult": 0.1},
                           label="full, encoder lr x0.1", seeds=(0,),
-                          keep_checkpoint=False),
+                          keep_checkpoint=False, explore=True),
     # notebook 03: Mask2Former heads (Rein's query link on the VFM; tqdm's text queries on the VLM)
     "rein_m2f": Method("03_text_queries", _REIN_M2F, label="Rein + Mask2Former (query link)"),
+    # world 2's like-for-like control of Rein + Mask2Former and QueryDiff: the same head and
+    # matching on the frozen VFM, Mask2Former's learnable queries, no Rein
+    "frozen_m2f": Method("03_text_queries", _FROZEN_M2F, label="frozen + Mask2Former",
+                         keep_checkpoint=False, worlds=("2.0",)),
     "tqdm": Method("03_text_queries", _TQDM, label="tqdm (toy VLM, text queries)"),
     "tqdm_learnable": Method("03_text_queries", _TQDM,
                              {"queries": "learnable", "matcher": "hungarian"},
@@ -115,6 +139,12 @@ METHODS: dict[str, Method] = {
                      label="CAT-Seg (toy VLM, bus unseen)"),
     "catseg_all": Method("04_catseg", _CATSEG, {"held_out": []}, train={"grad_clip": 0.01},
                          label="CAT-Seg, bus trained", seeds=(0,)),
+    # world 2's control of the aggregation: the cost volume's embedding goes straight to the
+    # upsampling decoder (no spatial or class aggregation layers), `bus` still held out
+    "catseg_no_aggregation": Method("04_catseg", _CATSEG, {"num_layers": 0},
+                                    train={"grad_clip": 0.01},
+                                    label="CAT-Seg without aggregation (raw cost + upsampling)",
+                                    keep_checkpoint=False, worlds=("2.0",)),
     # notebook 05: QueryDiff on notebook 03's Rein + Mask2Former, with and without the toy
     # diffusion teacher's guidance; the open choices (Huber target, alpha) at seed 0
     "querydiff": Method("05_querydiff", _QUERYDIFF, label="QueryDiff (diffusion-guided)"),
@@ -123,9 +153,10 @@ METHODS: dict[str, Method] = {
                                keep_checkpoint=False),
     "querydiff_weak": Method("05_querydiff", _QUERYDIFF, {"huber_target": "weak"},
                              label="QueryDiff, Huber on weak features (code)", seeds=(0,),
-                             keep_checkpoint=False),
+                             keep_checkpoint=False, explore=True),
     "querydiff_alpha10": Method("05_querydiff", _QUERYDIFF, {"alpha": 10.0},
-                                label="QueryDiff, alpha 10", seeds=(0,), keep_checkpoint=False),
+                                label="QueryDiff, alpha 10", seeds=(0,), keep_checkpoint=False,
+                                explore=True),
     # notebook 07: MFuser on the frozen toy VFM + toy VLM, and the fusions its Tables 3, 4 and 6
     # compare (seed 0); Rein (VFM only) and tqdm (VLM only) are notebook 03's runs
     "mfuser": Method("07_mfuser", _MFUSER, label="MFuser (MVFuser + MTEnhancer)"),
@@ -146,6 +177,20 @@ METHODS: dict[str, Method] = {
 }
 
 
+def seeds_of(method: str, world: str | None = None) -> tuple[int, ...]:
+    """The seeds a world's sweep runs ``method`` at (default: the current world). World 2: every
+    benchmark seed for a run that enters a comparison (controls included), seed 0 for an
+    ``explore`` run; none where the method is not in that world's sweep. World 1: as its
+    committed sweep ran (``Method.seeds``)."""
+    world = world or tw.current_world()
+    spec, benchmark_seeds = METHODS[method], tuple(tw.toy_benchmark(world)["seeds"])
+    if world not in spec.worlds:
+        return ()
+    if world == tw.TOYWORLD_VERSION:
+        return (0,) if spec.explore else benchmark_seeds
+    return spec.seeds or benchmark_seeds
+
+
 def run_key(method: str, seed: int) -> str:
     return f"{method}/seed{seed}"
 
@@ -154,11 +199,28 @@ def checkpoint_path(method: str, seed: int, root: Path = CHECKPOINT_DIR) -> Path
     return root / METHODS[method].lesson / f"{method}_seed{seed}.safetensors"
 
 
-def train_config(method: str, seed: int, steps: int | None = None) -> TrainConfig:
-    cfg = {**SWEEP_TRAIN, **METHODS[method].train, "seed": seed, "progress": False}
+def sweep_train(world: str | None = None) -> dict:
+    """The sweep's training knobs of a ToyWorld version (default: the current world)."""
+    world = world or tw.current_world()
+    return dict(SWEEP_TRAIN_2 if world == tw.TOYWORLD_VERSION else SWEEP_TRAIN)
+
+
+def _fast_loop(world: str | None = None) -> bool:
+    return (world or tw.current_world()) == tw.TOYWORLD_VERSION
+
+
+def train_config(method: str, seed: int, steps: int | None = None,
+                 overrides: dict | None = None) -> TrainConfig:
+    """One run's TrainConfig: the world's sweep knobs, the method's own, the seed, then
+    ``steps`` and any ``overrides`` (e.g. a learning-curve run's longer budget)."""
+    cfg = {**sweep_train(), **METHODS[method].train, "seed": seed, "progress": False}
+    if _fast_loop():
+        device = get_device()
+        cfg |= {"augment": METHODS[method].augment,
+                "autocast": "bf16" if bf16_native(device) else None}
     if steps is not None:
         cfg["steps"] = steps
-    return TrainConfig.from_dict(cfg)
+    return TrainConfig.from_dict(cfg | dict(overrides or {}))
 
 
 def protocol(test_length: int) -> dict:
@@ -167,18 +229,21 @@ def protocol(test_length: int) -> dict:
 
 
 def run_one(method: str, seed: int, steps: int | None = None, test_length: int = 200,
-            checkpoint: Path | None = None) -> dict:
-    """Train one (method, seed), write its checkpoint (if a path is given), score every domain."""
+            checkpoint: Path | None = None, overrides: dict | None = None) -> dict:
+    """Train one (method, seed), write its checkpoint (if a path is given), score every domain.
+    ``steps`` and ``overrides`` change the run's TrainConfig (``train_config``)."""
     spec = METHODS[method]
-    cfg = train_config(method, seed, steps)
+    cfg = train_config(method, seed, steps, overrides)
     proto = protocol(test_length)
     sets = tw.benchmark_datasets(seed, proto)
     seed_everything(seed)
     model = build_model(spec.builder, spec.builder_kwargs)
-    source = sets.pop("train")
-    if spec.augment:
+    source, val = sets.pop("train"), sets.pop("val")
+    if _fast_loop():
+        source, val = tw.Rendered(source), tw.Rendered(val)      # the batches augment (cfg)
+    elif spec.augment:
         source = Augmented(source, seed=seed)
-    hist = train(model, source, cfg, val_dataset=sets.pop("val"))
+    hist = train(model, source, cfg, val_dataset=val)
     modules = module_closure(spec.builder.split(":")[0].removeprefix("lessons."))
     meta = {"builder": spec.builder, "builder_kwargs": spec.builder_kwargs, "method": method,
             "lesson": spec.lesson, "seed": seed, "train_config": asdict(cfg),
@@ -202,6 +267,8 @@ def run_one(method: str, seed: int, steps: int | None = None, test_length: int =
                                      "augment", "hardware", "torch", "lessons_digest")},
             "toyworld_version": tw.current_world(), "train_config": asdict(cfg),
             "test_length": test_length, "miou": miou, "class_iou": class_iou,
+            "val_curve": {"steps": hist.val_steps,
+                          "miou": [round(float(v), 4) for v in hist.val_miou]},
             "trainable_parameters": count_parameters(model),
             "checkpoint": checkpoint.name if checkpoint else None,
             "final_loss": float(np.mean(hist.loss[-20:]))}
@@ -214,8 +281,13 @@ def load_results(path: Path = RESULTS_FILE) -> dict:
 
 
 def is_done(record: dict | None, cfg: TrainConfig, test_length: int, augment: bool) -> bool:
+    """Whether ``record`` is this run already: same world, knobs (``RUNTIME_KEYS`` aside), test
+    scenes and augmentation."""
+    def trained(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
+
     return (record is not None and record.get("toyworld_version") == tw.current_world()
-            and record.get("train_config") == asdict(cfg)
+            and trained(record.get("train_config", {})) == trained(asdict(cfg))
             and record.get("test_length") == test_length and record.get("augment") == augment)
 
 

@@ -783,15 +783,21 @@ HELD_OUT_CLASS = "bus"
 
 def build_toy_catseg(held_out: Sequence[str] = (HELD_OUT_CLASS,), pretrained: bool = True,
                      finetune: str = "attention", clip_lr_mult: float = 0.01,
-                     official_ignore: bool = False, **overrides) -> CATSeg:
+                     official_ignore: bool = False, num_layers: int = TOY_CATSEG.num_layers,
+                     **overrides) -> CATSeg:
     """CAT-Seg on the toy VLM at 64 x 128 (grid 8 x 16, output stride 2), trained on the 19
-    classes minus ``held_out`` and scored on all 19. ``overrides`` change ``TOY_CATSEG``."""
+    classes minus ``held_out`` and scored on all 19. ``num_layers`` aggregation layers (0: the
+    raw cost's embedding goes straight to the upsampling decoder, the aggregation's control);
+    ``overrides`` change the rest of ``TOY_CATSEG`` (in code only: a checkpoint names
+    ``num_layers`` at most)."""
     unknown = [c for c in held_out if c not in CLASSES]
     if unknown:
         raise ValueError(f"unknown class(es) {unknown}; choose from {CLASSES}")
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
     weights = toy_weights_dir() if pretrained else None
     encoder = build_encoder("toy_vlm", weights)
-    cfg = replace(TOY_CATSEG, **overrides) if overrides else TOY_CATSEG
+    cfg = replace(TOY_CATSEG, num_layers=num_layers, **overrides)
     kept = [i for i, c in enumerate(CLASSES) if c not in held_out]
     return CATSeg(encoder, cfg, class_names=[CLASSES[i] for i in kept], train_ids=kept,
                   finetune=finetune, clip_lr_mult=clip_lr_mult, official_ignore=official_ignore)

@@ -59,6 +59,7 @@ REQUIRED_KEYS = ("builder", "builder_kwargs", "toyworld_version", "lessons_diges
 BUILDERS: dict[str, Callable[..., nn.Module] | None] = dict.fromkeys((
     "lessons.baselines:TinySegNet",
     "lessons.segmentor:build_toy_segmentor",
+    "lessons.mask2former:build_toy_frozen_mask2former",
     "lessons.mask2former:build_toy_rein_mask2former",
     "lessons.mask2former:build_toy_tqdm",
     "lessons.catseg:build_toy_catseg",

@@ -95,6 +95,7 @@ __all__ = [
     "SimpleFPN",
     "Targets",
     "TransformerDecoder",
+    "build_toy_frozen_mask2former",
     "build_toy_rein_mask2former",
     "build_toy_tqdm",
     "dice_loss",
@@ -1145,6 +1146,18 @@ def build_toy_tqdm(queries: str = "text", matcher: str = "identity", text_attent
         context_decoder=ctx, finetune_encoder=True, backbone_lr_mult=backbone_lr_mult,
         pixel_text_weight=pixel_text_weight, language_weight=1.0 if regularizers else 0.0,
         anchors=anchors, visual_weight=1.0 if regularizers else 0.0)
+
+
+def build_toy_frozen_mask2former(num_queries: int = 19, matcher: str = "hungarian",
+                                 pretrained: bool = True) -> MaskFormerSegmentor:
+    """The control of Rein + Mask2Former (and of QueryDiff): the same frozen toy VFM, neck, head
+    and Hungarian matching, with Mask2Former's own learnable queries and no Rein: what the
+    decoder alone gets from frozen features."""
+    enc = build_encoder("toy_vfm", toy_weights_dir() if pretrained else None)
+    cfg = toy_config(in_channels=(enc.width,) * 4, query_source="learnable",
+                     num_queries=num_queries)
+    criterion = MaskClassificationLoss(matcher=matcher, num_points=None)
+    return MaskFormerSegmentor(enc, RescaleNeck(enc.patch_size), Mask2FormerHead(cfg), criterion)
 
 
 def build_toy_rein_mask2former(token_length: int = 19, lora_rank: int | None = 8,

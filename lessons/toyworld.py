@@ -125,6 +125,7 @@ __all__ = [
     "WORLD_VERSIONS",
     "Content",
     "Raster",
+    "Rendered",
     "Scene",
     "Style",
     "Thing",
@@ -958,6 +959,35 @@ class ToyWorld(Dataset):
         extra = "" if self.world == TOYWORLD_VERSION else f", world={self.world!r}"
         return (f"ToyWorld(domain={self.domain!r}, split={self.split!r}, size={self.size}, "
                 f"length={self.length}, seed={self.seed}{extra})")
+
+
+class Rendered(Dataset):
+    """Every scene of a dataset rendered once and kept in memory: the same items as the dataset
+    gives (float32 images, int64 labels), without rendering them again at every epoch.
+
+    A training run of 500 steps x 16 draws the 2,000 source scenes four times over and a
+    validation every 100 steps renders its 200 scenes five times; held here they cost 100 KB
+    a scene at 64x128 (the labels kept as uint8)."""
+
+    def __init__(self, dataset: Dataset):
+        items = [dataset[i] for i in range(len(dataset))]
+        if not items:
+            raise ValueError("Rendered needs a dataset with at least one item")
+        self.images = torch.stack([image for image, _ in items])              # (N, 3, H, W)
+        labels = torch.stack([label for _, label in items])                   # (N, H, W)
+        if labels.min() < 0 or labels.max() > 255:
+            raise ValueError("labels must be class ids in 0..255 (255: ignore)")
+        self.labels = labels.to(torch.uint8)
+        self.source = repr(dataset)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index].long()
+
+    def __repr__(self) -> str:
+        return f"Rendered({self.source})"
 
 
 def toy_benchmark(world: str | None = None) -> dict:

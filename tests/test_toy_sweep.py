@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from lessons import toyworld as tw
 from lessons.benchmark import (
@@ -15,6 +16,7 @@ from lessons.benchmark import (
     load_results,
     markdown_table,
     paired_difference,
+    seeds_of,
     summary,
 )
 from lessons.checkpoints import CHECKPOINT_DIR, load_lesson_checkpoint, read_metadata
@@ -45,6 +47,48 @@ def test_a_tiny_sweep_writes_checkpoints_and_results_and_resumes(tmp_path, capsy
     assert out.count("done, skipped") == 4
     table = markdown_table(results)
     assert "| Rein | 2 |" in table and "targets' mean" in table
+
+
+def test_world_2_runs_the_faster_loop_and_records_its_validation_curve(monkeypatch):
+    """World 2's run renders its scenes once, augments per batch, uses bf16 where native and
+    records the mIoU at every validation; world 1's knobs stay those of its committed runs."""
+    from lessons import benchmark
+    from lessons.benchmark import SWEEP_TRAIN, is_done, run_one, train_config
+
+    with tw.in_world("1.0"):
+        one = train_config("scratch", 0)
+    assert not one.augment and one.autocast is None and one.steps == SWEEP_TRAIN["steps"]
+    rendered, keep = [], tw.Rendered
+    monkeypatch.setattr(tw, "Rendered", lambda ds: rendered.append(ds) or keep(ds))
+    with tw.in_world("2.0"):
+        cfg = train_config("scratch", 0, steps=4, overrides={"eval_every": 2})
+        assert cfg.augment and cfg.steps == 4 and cfg.eval_every == 2
+        assert cfg.autocast == ("bf16" if benchmark.bf16_native(benchmark.get_device()) else None)
+        rec = run_one("scratch", 0, steps=4, test_length=2, overrides={"eval_every": 2})
+    assert [ds.split for ds in rendered] == ["train", "val"]        # rendered once, not per step
+    assert rec["val_curve"]["steps"] == [2, 4] and len(rec["val_curve"]["miou"]) == 2
+    assert rec["val_miou"] == pytest.approx(max(rec["val_curve"]["miou"]), abs=1e-4)
+    assert rec["toyworld_version"] == "2.0" and rec["train_config"]["augment"]
+    # a result made with or without bf16 (another machine) is the same run; another budget is not
+    with tw.in_world("2.0"):
+        other = {**rec, "train_config": {**rec["train_config"], "autocast": "bf16"}}
+        assert is_done(other, cfg, 2, True)
+        assert not is_done(rec, train_config("scratch", 0, steps=5), 2, True)
+
+
+def test_rendered_keeps_the_same_items_and_names_bad_labels():
+    ds = tw.ToyWorld("synthetic", "val", length=3, seed=1)
+    kept = tw.Rendered(ds)
+    assert len(kept) == 3 and kept.labels.dtype == torch.uint8
+    assert repr(kept).startswith("Rendered(ToyWorld(")
+    for i in range(3):
+        image, label = kept[i]
+        assert torch.equal(image, ds[i][0]) and torch.equal(label, ds[i][1])
+        assert label.dtype == torch.int64
+    with pytest.raises(ValueError, match="class ids in 0..255"):
+        tw.Rendered([(torch.zeros(3, 4, 4), torch.full((4, 4), 300))])
+    with pytest.raises(ValueError, match="at least one item"):
+        tw.Rendered([])
 
 
 def test_summary_is_mean_and_sample_spread_over_seeds():
@@ -91,7 +135,7 @@ COMMITTED = sorted(CHECKPOINT_DIR.glob("*/*.safetensors"))
 def test_every_method_has_results_for_every_benchmark_seed():
     runs = load_results()["runs"]
     for method, spec in METHODS.items():
-        for seed in spec.seeds or tw.toy_benchmark()["seeds"]:
+        for seed in seeds_of(method):
             rec = runs.get(f"{method}/seed{seed}")
             assert rec is not None, f"{method}/seed{seed} missing: run python -m reprod.toy.sweep"
             assert rec["toyworld_version"] == tw.current_world()
@@ -163,3 +207,69 @@ def test_the_sweep_bench_measures_a_method_and_names_a_bad_one(tmp_path, capsys)
     with pytest.raises(SystemExit):
         bench_sweep.main(["--methods", "nope"])
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# reprod.toy.curves: the budget chosen from learning curves, by a rule written down first
+# ----------------------------------------------------------------------------------------------
+def test_the_budget_is_the_first_grid_step_where_most_methods_have_converged():
+    from reprod.toy.curves import choose_budget, converged_at
+
+    steps = [100, 200, 300, 400]
+    rising = {"steps": steps, "miou": [0.10, 0.20, 0.295, 0.30]}       # within 1 point by 300
+    early = {"steps": steps, "miou": [0.30, 0.29, 0.28, 0.28]}         # best first, then falls
+    late = {"steps": steps, "miou": [0.10, 0.15, 0.20, 0.25]}          # still rising at the end
+    assert converged_at(rising) == 300 and converged_at(early) == 100 and converged_at(late) == 400
+    chosen = choose_budget({"a": rising, "b": early, "c": late, "d": rising},
+                           grid=(100, 200, 300, 400), quorum=0.75)
+    assert chosen["budget"] == 300 and chosen["share"] == 0.75
+    with pytest.raises(ValueError, match="fewer than 100% of the methods converge within 300"):
+        choose_budget({"a": rising, "c": late}, grid=(100, 300), quorum=1.0)
+    with pytest.raises(ValueError, match="no curves"):
+        choose_budget({})
+
+
+def test_the_curves_command_records_a_curve_resumes_and_chooses(tmp_path, capsys):
+    from reprod.toy import curves
+
+    out = tmp_path / "curves.json"
+    args = ["--methods", "scratch", "--steps", "4", "--every", "2", "--out", str(out)]
+    assert curves.main(args) == 0
+    rec = json.loads(out.read_text())["runs"]["scratch"]
+    assert rec["val_curve"]["steps"] == [2, 4] and rec["toyworld_version"] == "2.0"
+    assert "miou" not in rec                           # the rule never sees a target domain
+    capsys.readouterr()
+    assert curves.main(args) == 0 and capsys.readouterr().out == ""      # resumed: nothing to do
+    assert curves.main(["--out", str(out), "--choose"]) == 0
+    assert "budget: 250 steps" in capsys.readouterr().out
+
+
+def test_world_2_runs_every_compared_method_and_control_at_five_seeds():
+    assert seeds_of("rein", "2.0") == (0, 1, 2, 3, 4) and seeds_of("rein", "1.0") == (0, 1, 2)
+    for control in ("mfuser_concat", "tqdm_learnable", "querydiff_no_dcl", "catseg_all",
+                    "frozen_m2f", "catseg_no_aggregation"):
+        assert seeds_of(control, "2.0") == (0, 1, 2, 3, 4), control
+    assert seeds_of("rein_m5", "2.0") == (0,) and seeds_of("mfuser_concat", "1.0") == (0,)
+    assert seeds_of("frozen_m2f", "1.0") == ()            # world 1's sweep never ran it
+
+
+def test_the_two_world_2_controls_train_and_predict():
+    """frozen + Mask2Former (Rein + Mask2Former's head without Rein) and CAT-Seg without its
+    aggregation layers (the raw cost's embedding straight into the upsampling decoder)."""
+    from lessons.catseg import build_toy_catseg
+    from lessons.mask2former import build_toy_frozen_mask2former, build_toy_rein_mask2former
+    from lessons.train import TrainConfig, predict, train
+    from lessons.utils import count_parameters
+
+    images, labels = torch.rand(2, 3, 64, 128), torch.randint(0, 19, (2, 64, 128))
+    frozen = build_toy_frozen_mask2former(pretrained=False)
+    rein = build_toy_rein_mask2former(pretrained=False)
+    assert frozen.reins is None and not any(p.requires_grad for p in frozen.encoder.parameters())
+    assert count_parameters(frozen) < count_parameters(rein)
+    plain = build_toy_catseg(pretrained=False, num_layers=0)
+    assert len(plain.aggregator.layers) == 0
+    assert count_parameters(plain) < count_parameters(build_toy_catseg(pretrained=False))
+    data = list(zip(images, labels, strict=True))
+    for model in (frozen, plain):
+        train(model, data, TrainConfig(steps=1, batch_size=2, progress=False))
+        assert predict(model, images).shape == (2, 19, 64, 128)

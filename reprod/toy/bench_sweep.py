@@ -142,22 +142,18 @@ def project(c: Costs, steps: int = SWEEP_TRAIN["steps"],
             "training step share today": steps * c["step fp32"] / today}
 
 
-def _check(method: str, steps: int, costs: Costs) -> dict[str, float]:
-    """A real ``run_one`` of ``steps`` steps (validation every steps/5, 40 test scenes) against
-    the projection of the same size."""
-    import lessons.benchmark as bm
-
-    saved = dict(bm.SWEEP_TRAIN)
-    bm.SWEEP_TRAIN["eval_every"] = max(steps // 5, 1)
-    try:
+def _check(method: str, steps: int, costs: Costs, world: str) -> dict[str, float]:
+    """A real ``run_one`` of ``steps`` steps (validation every steps/5, 40 test scenes) in
+    ``world`` against the projection of the same size: of today's loop for world 1, of the
+    cached and batched one for world 2 (``lessons.benchmark``'s loop of each world)."""
+    with tw.in_world(world):
         start = time.perf_counter()
-        run_one(method, 0, steps=steps, test_length=40)
+        run_one(method, 0, steps=steps, test_length=40,
+                overrides={"eval_every": max(steps // 5, 1)})
         seconds = time.perf_counter() - start
-    finally:
-        bm.SWEEP_TRAIN.clear()
-        bm.SWEEP_TRAIN.update(saved)
-    projected = project(costs, steps, validations=5, test_scenes=40)["today"]
-    return {"run_one seconds": seconds, "projected": projected}
+    loop = "cached and batched" if world == tw.TOYWORLD_VERSION else "today"
+    projected = project(costs, steps, validations=5, test_scenes=40)[loop]
+    return {"run_one seconds": seconds, "projected": projected, "loop": loop}
 
 
 def _table(rows: list[Costs], runs: dict[str, dict]) -> str:
@@ -197,18 +193,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{bf16_autocast_pays(torch.device('cpu'))}", flush=True)
     rows, runs, checks = [], {}, {}
     for m in args.methods:
-        rows.append(measure(m, args.repeats, args.world))
+        with tw.in_world(args.world):            # its toy models and its loop, too
+            rows.append(measure(m, args.repeats, args.world))
         runs[m] = project(rows[-1])
         if args.check:
-            checks[m] = _check(m, args.check, rows[-1])
+            checks[m] = _check(m, args.check, rows[-1], args.world)
         print(f"{m}: measured", flush=True)
     print(_table(rows, runs))
     for m, r in runs.items():
         print(f"{m}: the training steps are {100 * r['training step share today']:.0f}% of "
               "today's run")
     for m, c in checks.items():
-        print(f"{m}: run_one of {args.check} steps took {c['run_one seconds']:.1f} s; the "
-              f"pieces project {c['projected']:.1f} s")
+        print(f"{m}: run_one of {args.check} steps ({c['loop']}) took "
+              f"{c['run_one seconds']:.1f} s; the pieces project {c['projected']:.1f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"hardware": hardware("cpu"), "threads": args.threads,

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lessons import toyworld as tw
-from lessons.utils import hardware
+from lessons.utils import bf16_native, hardware
 from reprod.safe_io import load_weights_only
 
 __all__ = [
@@ -68,15 +68,8 @@ def write_card_files(facts: dict[str, Any], lines: list[str], weights: Path) -> 
 
 def bf16_autocast_pays(device: torch.device) -> bool:
     """Whether bfloat16 autocast is native on ``device`` (see the module docstring): a CUDA GPU
-    that supports it, or a CPU whose oneDNN has bfloat16 kernels (AVX512-BF16 / AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):       # a build without oneDNN
-        return False
+    that supports it, or a CPU whose oneDNN has bfloat16 kernels (``lessons.utils.bf16_native``)."""
+    return bf16_native(device)
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:

@@ -40,6 +40,7 @@ from lessons.benchmark import (
     markdown_table,
     run_key,
     run_one,
+    seeds_of,
     train_config,
 )
 from lessons.checkpoints import CHECKPOINT_DIR
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = []
     for seed in args.seeds:                           # seed-major: seed 0 of everything first
         for method in args.methods:
-            if METHODS[method].seeds is not None and seed not in METHODS[method].seeds:
+            if seed not in seeds_of(method):         # an ablation's seed 0, or not this world
                 continue
             key = run_key(method, seed)
             cfg = train_config(method, seed, args.steps)
