@@ -273,3 +273,18 @@ def test_the_two_world_2_controls_train_and_predict():
     for model in (frozen, plain):
         train(model, data, TrainConfig(steps=1, batch_size=2, progress=False))
         assert predict(model, images).shape == (2, 19, 64, 128)
+
+
+def test_the_docs_state_the_budget_rule_the_code_applies():
+    from pathlib import Path
+
+    from reprod.toy import curves
+
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "toyworld.md")
+                   .read_text().split())
+    section = doc[doc.index("## The sweep on world 2"):doc.index("## ToyWorld 1")]
+    grid = ", ".join(f"{g:,}" for g in curves.GRID)
+    assert f"seed 0 for {curves.LONG:,} steps, validating every {curves.EVERY}" in section
+    assert f"within {curves.TOLERANCE:g} mIoU point of its best" in section
+    assert f"{{{grid}}}" in section and "three quarters" in section and curves.QUORUM == 0.75
+    assert "seeds 0-4" in section and tw.TOY_BENCHMARK["seeds"] == (0, 1, 2, 3, 4)
