@@ -22,26 +22,29 @@ step would not fit the time budget:
    model (the VFM's 7,200 steps were estimated at 7 to 8 minutes on an H100). It saves every 2
    minutes, so if its limit stops it, the same command again on the still-warm machine resumes
    it (``--only world2``); the rest follows in a second command (``--skip world2``);
-4. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
+4. ``curves``: world 2's learning curves, the main methods at seed 0 for 2,000 steps, eight at a
+   time (``reprod.toy.curves --jobs 8``, resumable by method), from which the sweep's budget is
+   chosen by the rule written down first; a 2-core CPU needs most of a day for them;
+5. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
    carried sdist (``reprod.install_mamba_ssm --sdist``); skipped when it already imports;
-5. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
+6. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
    CUDA);
-6. ``scan``: the selective scan on the GPU, the fused kernel against ``lessons.ssm``'s pure-PyTorch
+7. ``scan``: the selective scan on the GPU, the fused kernel against ``lessons.ssm``'s pure-PyTorch
    chunked scan, forward and forward + backward, with the maximum difference;
-7. ``step_bf16``: ``reprod.bench step`` for every real-scale config in bf16 at 512², batch 2,
+8. ``step_bf16``: ``reprod.bench step`` for every real-scale config in bf16 at 512², batch 2,
    random weights (MFuser first: its targets are <= 24 GB at batch 2 and 20k steps within an hour
    on one H100);
-8. ``fusion``: MVFuser against self-attention at width 1024 from 1k to 16k tokens;
-9. ``ddp``: a DDP smoke run with NCCL at world size 1 (``torchrun -m reprod.train toy_rein``);
-10. ``toy_sweep``: a few toy-sweep runs on CUDA, two at a time (``--jobs 2``), with their
+9. ``fusion``: MVFuser against self-attention at width 1024 from 1k to 16k tokens;
+10. ``ddp``: a DDP smoke run with NCCL at world size 1 (``torchrun -m reprod.train toy_rein``);
+11. ``toy_sweep``: a few toy-sweep runs on CUDA, two at a time (``--jobs 2``), with their
    images / s;
-11. ``step_fp32``: the Rein and MFuser rows again in fp32.
+12. ``step_fp32``: the Rein and MFuser rows again in fp32.
 
 Each step runs as its own process with a time limit, and its result is appended, as it finishes,
 to ``runs/gpu_check/report.json`` and ``report.md`` (``--out``). ``--collect DIR`` copies what
 must come home into one flat folder at the end: the two reports (every step's figures are in
-``report.json``) and the world-2 tries' gates, tries file and weights (the VLM's and the
-teacher's), six files (a lent machine hands back at most eight, two folders deep). Standing
+``report.json``), the world-2 tries' gates and tries file, each model ``world2`` made as one
+tar, and the learning curves: at most eight files, as a lent machine hands back. Standing
 order: whenever a GPU is lent, run this first, commit the report, and copy its figures into
 docs/measured.md with the GPU named.
 """
@@ -94,6 +97,8 @@ STEPS: tuple[Step, ...] = (
          "--chunk-minutes 2 --out {out}/world2 --describe \"the committed recipe, on a GPU in "
          "bf16\"", 450,
          "timm, open_clip, diffusers, safetensors (carried wheels)", limit_s=570),
+    Step("curves", "{py} -m reprod.toy.curves --jobs 8 --out {out}/toy_curves_world2.json", 300,
+         "world 2's three toy models in lessons/weights", limit_s=540),
     Step("mamba_ssm", "{py} -m reprod.install_mamba_ssm --sdist {sdist}", 180,
          "--sdist: mamba-ssm's source archive, nvcc", limit_s=420, optional=True),
     Step("pytest_gpu", "{py} -m pytest -m gpu -q -o addopts= tests",
@@ -226,7 +231,8 @@ def run_steps(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 COLLECT = {"report.json": "report.json", "report.md": "report.md",
            "world2/gates.json": "world2_gates.json",
-           "world2/toyworld2_gates.json": "toyworld2_gates.json"}
+           "world2/toyworld2_gates.json": "toyworld2_gates.json",
+           "toy_curves_world2.json": "toy_curves_world2.json"}
 """What ``--collect`` copies (path under ``--out`` -> name in the flat folder), when present."""
 COLLECT_MODELS = ("toy_vfm", "toy_vlm", "toy_diffusion")
 """World-2 toy models ``--collect`` brings home as one ``<model>.tar`` each (weights, card),

@@ -24,8 +24,12 @@ def test_dry_run_prints_every_step_with_its_time_and_needs(capsys):
     assert "beyond the budget" in text            # the plan is longer than nine minutes
     finishes = [finish for _, finish in gc.plan(9)]
     assert finishes == sorted(finishes)
-    assert [s.name for s in gc.STEPS][:5] == ["detect", "wheels", "world2", "mamba_ssm",
-                                              "pytest_gpu"]
+    assert [s.name for s in gc.STEPS][:6] == ["detect", "wheels", "world2", "curves",
+                                              "mamba_ssm", "pytest_gpu"]
+    curves = next(s for s in gc.STEPS if s.name == "curves")
+    assert "reprod.toy.curves --jobs 8" in curves.command and curves.limit_s < 600
+    assert "toy_curves_world2.json" in gc.COLLECT.values()
+    assert len(gc.COLLECT) + len(gc.COLLECT_MODELS) <= 8       # a lent machine's eight files
     world2 = next(s for s in gc.STEPS if s.name == "world2")
     assert "reprod.toy.regenerate --untried --uncommitted --device cuda" in world2.command
     assert world2.limit_s < 600                     # one device command runs at most 10 minutes
