@@ -20,7 +20,9 @@ float32 elsewhere): the same protocol, a faster loop (``python -m reprod.toy.ben
 Reading the runs: ``summary`` gives each method's mean and **sample** standard deviation
 (ddof = 1) over seeds; ``paired_difference`` compares two methods seed by seed, the mean of the
 per-seed differences with a 95% t interval, and calls the difference resolved only when the
-interval excludes zero.
+interval excludes zero; ``rank_agreement`` is the Spearman rank correlation of the six main
+methods' toy targets' means with the papers' GTAV -> Cityscapes / BDD100K / Mapillary means
+(``PAPER_ROWS``), printed whatever it is.
 
 ``python -m reprod.toy.sweep`` runs the sweep (resumably) and writes ``RESULTS_FILE``.
 
@@ -60,9 +62,10 @@ from lessons.utils import (
 )
 
 __all__ = [
-    "METHODS", "RESULTS_FILE", "RUNTIME_KEYS", "SWEEP_TRAIN", "SWEEP_TRAIN_2", "Method",
-    "checkpoint_path", "is_done", "load_results", "markdown_table", "paired_difference",
-    "run_key", "run_one", "seeds_of", "summary", "sweep_train", "train_config",
+    "METHODS", "PAPER_ROWS", "RESULTS_FILE", "RUNTIME_KEYS", "SWEEP_TRAIN", "SWEEP_TRAIN_2",
+    "Method", "checkpoint_path", "is_done", "load_results", "markdown_table", "paired_difference",
+    "paper_mean", "rank_agreement", "run_key", "run_one", "seeds_of", "summary", "sweep_train",
+    "train_config",
 ]
 
 RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"
@@ -272,6 +275,43 @@ def run_one(method: str, seed: int, steps: int | None = None, test_length: int =
             "trainable_parameters": count_parameters(model),
             "checkpoint": checkpoint.name if checkpoint else None,
             "final_loss": float(np.mean(hist.loss[-20:]))}
+
+
+# Notebook 08's six main methods and the published row each stands for: (table in
+# lessons/papers.yaml, method, backbone), whose `mean` is over GTAV -> Cityscapes, BDD100K and
+# Mapillary. Rein's Table 2 trains its frozen and fully fine-tuned rows under the same
+# Mask2Former head as Rein; the toy's `frozen` and `full` have a linear head (notebook 02).
+PAPER_ROWS: dict[str, tuple[str, str, str]] = {
+    "frozen": ("rein_gtav_main", "Frozen", "DINOv2-L"),
+    "full": ("rein_gtav_main", "Full fine-tuning", "DINOv2-L"),
+    "rein_m2f": ("rein_gtav_main", "Rein", "DINOv2-L"),
+    "tqdm": ("tqdm_gtav_main", "tqdm", "EVA02-CLIP-L"),
+    "querydiff": ("querydiff_gtav_main", "QueryDiff", "DINOv2-L"),
+    "mfuser": ("mfuser_gtav_main", "MFuser", "DINOv2-L + EVA02-L"),
+}
+
+
+def paper_mean(table_id: str, method: str, backbone: str) -> float:
+    """A published row's mean mIoU (lessons/papers.yaml); an error if the row is not there."""
+    from lessons.papers import get_table
+
+    rows = [r for r in get_table(table_id).rows if (r.method, r.backbone) == (method, backbone)]
+    if len(rows) != 1 or rows[0].values.get("mean") is None:
+        raise ValueError(f"{table_id} has {len(rows)} row(s) {method!r} / {backbone!r} with a mean")
+    return float(rows[0].values["mean"])
+
+
+def rank_agreement(results: dict, rows: dict[str, tuple[str, str, str]] | None = None) -> dict:
+    """Spearman's rank correlation between the toy targets' mean of each method (mean over its
+    seeds) and its paper row's mean (``PAPER_ROWS``), with the two-sided p-value and both
+    rankings. Every method must have runs (an error names the missing ones)."""
+    rows = rows or PAPER_ROWS
+    toy = {m: row["targets' mean"][0] for m, row in summary(results, list(rows)).items()}
+    paper = {m: paper_mean(*rows[m]) for m in rows}
+    rho, p = stats.spearmanr([toy[m] for m in rows], [paper[m] for m in rows])
+    return {"rho": float(rho), "p": float(p), "methods": list(rows), "toy": toy, "paper": paper,
+            "toy_order": sorted(rows, key=toy.get, reverse=True),
+            "paper_order": sorted(rows, key=paper.get, reverse=True)}
 
 
 def load_results(path: Path = RESULTS_FILE) -> dict:

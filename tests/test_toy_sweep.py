@@ -288,3 +288,25 @@ def test_the_docs_state_the_budget_rule_the_code_applies():
     assert f"within {curves.TOLERANCE:g} mIoU point of its best" in section
     assert f"{{{grid}}}" in section and "three quarters" in section and curves.QUORUM == 0.75
     assert "seeds 0-4" in section and tw.TOY_BENCHMARK["seeds"] == (0, 1, 2, 3, 4)
+
+
+def test_rank_agreement_is_spearman_over_the_six_main_methods_and_their_paper_rows():
+    from lessons.benchmark import PAPER_ROWS, paper_mean, rank_agreement
+
+    assert paper_mean(*PAPER_ROWS["rein_m2f"]) == 64.3 and paper_mean(*PAPER_ROWS["mfuser"]) == 68.2
+    paper = {m: paper_mean(*row) for m, row in PAPER_ROWS.items()}
+    order = sorted(paper, key=paper.get)                     # the papers' ranking, lowest first
+    domains = (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)
+
+    def results(ranked):
+        return {"runs": {f"{m}/seed{s}": {"method": m, "seed": s,
+                                          "miou": dict.fromkeys(domains, (k + s / 10) / 100)}
+                         for k, m in enumerate(ranked) for s in (0, 1)}}
+
+    same = rank_agreement(results(order))
+    assert same["rho"] == pytest.approx(1.0) and same["toy_order"] == same["paper_order"]
+    assert rank_agreement(results(order[::-1]))["rho"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="no runs of"):
+        rank_agreement(results(order[:-1]))
+    with pytest.raises(ValueError, match="0 row"):
+        paper_mean("rein_gtav_main", "Rein", "no such backbone")
