@@ -58,8 +58,9 @@ def test_arguments_a_header_may_not_set():
                                 {"teacher_weights": "/etc/passwd"})
     assert ck.check_builder_kwargs("lessons.querydiff:build_toy_querydiff",   # no file: fine
                                    {"teacher_weights": None})
-    with pytest.raises(ValueError, match=r"\['num_layers'\] are not arguments"):   # **overrides
-        ck.check_builder_kwargs("lessons.catseg:build_toy_catseg", {"num_layers": 2})
+    with pytest.raises(ValueError, match=r"\['hidden'\] are not arguments"):   # **overrides
+        ck.check_builder_kwargs("lessons.catseg:build_toy_catseg", {"hidden": 8})
+    assert ck.check_builder_kwargs("lessons.catseg:build_toy_catseg", {"num_layers": 0})
     with pytest.raises(ValueError, match="should be tuple"):
         ck.check_builder_kwargs("lessons.baselines:TinySegNet", {"widths": [8, "x"]})
     assert ck.check_builder_kwargs("lessons.baselines:TinySegNet", {"widths": [8, 16]})
