@@ -128,7 +128,7 @@ def test_the_docs_show_the_recorded_tries_and_the_figures_their_prose_quotes():
     short = [three[k]["needs"] - three[k]["margin"] for k in ("G1", "G2")]
     assert f"leaving G1 {short[0]:.1f} and G2 {short[1]:.1f} points short" in doc
     assert f"about {round(three['G2']['own_labels_targets'])} on these features" in doc
-    pre = vfm[-1]["pretraining"]
+    pre = vfm[2]["pretraining"]                       # "vfm-3's 7,200 steps took ..."
     per_step = 60 * pre["minutes"] / pre["steps_done"]
     assert f"took {pre['minutes']:.0f} min on 2 cores" in doc and f"({per_step:.2f} s a step" in doc
     vlms = [t for t in tries["tries"] if t["name"].startswith("vlm-")]
@@ -150,17 +150,25 @@ def test_the_docs_show_the_recorded_tries_and_the_figures_their_prose_quotes():
     g5 = teacher["gates"]["G5"]
     assert g5["passed"] and teacher["name"] == "teacher-1"
     assert 0 < g5["cosine_strong"] - g5["cosine_weak"] < 0.05                  # "only just"
+    student = teacher["results"]["teacher"]["student_from"]                 # "try vfm-3"
     assert (f"reaches {g5['teacher_probe_painted']:.1f} mIoU where the student's frozen probe "
-            f"(try {vfm[-1]['name']}) reaches {g5['student_probe_painted']:.1f}") in doc
+            f"({student}) reaches {g5['student_probe_painted']:.1f}") in doc
     assert (f"a mean cosine of {g5['cosine_strong']:.3f} against {g5['cosine_weak']:.3f} over "
             f"{gates._scale(False)['pairs']} scenes") in doc
     assert f"{teacher['pretraining']['minutes']:.0f} min on 2 AMX cores" in doc
     short = [three[k]["needs"] - three[k]["margin"] for k in ("G1", "G2")]   # "what it costs"
     assert (f"{short[0]:.1f} points short of G1's usefulness margin and a probe {short[1]:.1f} "
             "points short of G2's headroom") in doc
+    # the committed VFM: vfm-3's recipe re-run (the same config), the same weights and figures
+    committed, third = vfm[-1], vfm[2]
+    assert committed["pretraining"]["config"] == third["pretraining"]["config"]
+    assert committed["weights"] == third["weights"] and committed["gates"] == third["gates"]
+    assert (f"The VFM's is {committed['name']}, {third['name']}'s recipe re-run to commit its "
+            f"weights ({committed['pretraining']['minutes']:.0f} min on 2 AMX cores)") in doc
     readme = " ".join((gates.TRIES_FILE.parents[2] / "README.md").read_text().split())
-    count = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}[len(vfm)]
-    assert f"has not passed gates G1 and G2 in {count} tries" in readme
+    recipes = {json.dumps(t["pretraining"]["config"], sort_keys=True) for t in vfm}
+    count = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}[len(recipes)]
+    assert f"has not passed gates G1 and G2 in {count} recipes" in readme
     assert "its toy VLM passed G4 and its teacher G5 at their first" in readme
 
 
