@@ -228,7 +228,7 @@ class NonFiniteLoss(FloatingPointError):
 
 # Attention's kernel for a bfloat16 training step on a CPU: the math path (softmax(QK^T)V as
 # matmuls). Profiled on an AMX Xeon, torch 2.14, the toy ViT's step on 16 scenes at 64x128: the
-# flash kernel's bf16 backward took 3.5x its fp32 time, a quarter of the whole step.
+# flash kernel's bf16 backward took 3.5x its fp32 time, over a third of the bf16 step.
 CPU_BF16_ATTENTION = SDPBackend.MATH
 
 
