@@ -62,13 +62,14 @@ from lessons.utils import (
 )
 
 __all__ = [
-    "METHODS", "PAPER_ROWS", "RESULTS_FILE", "RUNTIME_KEYS", "SWEEP_TRAIN", "SWEEP_TRAIN_2",
-    "Method", "checkpoint_path", "is_done", "load_results", "markdown_table", "paired_difference",
-    "paper_mean", "rank_agreement", "run_key", "run_one", "seeds_of", "summary", "sweep_train",
+    "CLAIMS", "METHODS", "PAPER_ROWS", "RESULTS_FILE", "RUNTIME_KEYS", "SWEEP_TRAIN",
+    "SWEEP_TRAIN_2", "Claim", "Method", "checkpoint_path", "claims_table", "is_done",
+    "load_results", "markdown_table", "paired_difference", "paper_mean", "per_seed",
+    "rank_agreement", "run_key", "run_one", "seeds_of", "summary", "sweep_dir", "sweep_train",
     "train_config",
 ]
 
-RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"
+RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"     # world 1's sweep (``sweep_dir("1.0")``)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,17 @@ def run_key(method: str, seed: int) -> str:
     return f"{method}/seed{seed}"
 
 
-def checkpoint_path(method: str, seed: int, root: Path = CHECKPOINT_DIR) -> Path:
+def sweep_dir(world: str | None = None) -> Path:
+    """Where a world's sweep keeps its results (``toy_sweep.json``) and its lesson checkpoints
+    (one folder per lesson): world 1 in ``CHECKPOINT_DIR``, world 2 in ``CHECKPOINT_DIR/world2``
+    (default: the current world), so neither world's runs overwrite the other's."""
+    world = world or tw.current_world()
+    return CHECKPOINT_DIR / "world2" if world == tw.TOYWORLD_VERSION else CHECKPOINT_DIR
+
+
+def checkpoint_path(method: str, seed: int, root: Path | None = None) -> Path:
+    """A run's lesson checkpoint under ``root`` (default: the current world's ``sweep_dir``)."""
+    root = sweep_dir() if root is None else root
     return root / METHODS[method].lesson / f"{method}_seed{seed}.safetensors"
 
 
@@ -314,7 +325,96 @@ def rank_agreement(results: dict, rows: dict[str, tuple[str, str, str]] | None =
             "paper_order": sorted(rows, key=paper.get, reverse=True)}
 
 
-def load_results(path: Path = RESULTS_FILE) -> dict:
+@dataclass(frozen=True)
+class Claim:
+    """A published comparison and the toy runs that test it: the paper's row A minus row B (two
+    ``(table, method, backbone)`` rows of ``lessons/papers.yaml``, each table's ``mean`` over
+    GTAV -> Cityscapes / BDD100K / Mapillary), or, where the paper states only a direction
+    (``paper=None``), that A beats B, as ``source`` says; against the toy's method A minus method
+    B, paired by seed (``paired_difference``)."""
+
+    claim: str
+    toy: tuple[str, str]
+    paper: tuple[tuple[str, str, str], tuple[str, str, str]] | None
+    source: str = ""
+    worlds: tuple[str, ...] = ("1.0", "2.0")
+
+
+_REIN_T2 = "rein_gtav_main"
+_FUSION = "mfuser_fusion_choice"
+_MVFUSER = (_FUSION, "MVFuser", "DINOv2 + EVA02")
+#: Notebook 08's claims. On world 2 each is like for like: Rein + Mask2Former against the frozen
+#: VFM under the same Mask2Former head (Rein's Table 2 trains its frozen row under Rein's head),
+#: tqdm's text queries against learnable queries on the same VLM, QueryDiff's guidance against
+#: the same model unguided, CAT-Seg's aggregation against its raw cost map with the same decoder.
+CLAIMS: tuple[Claim, ...] = (
+    Claim("full fine-tuning vs frozen", ("full", "frozen"),
+          ((_REIN_T2, "Full fine-tuning", "DINOv2-L"), (_REIN_T2, "Frozen", "DINOv2-L"))),
+    Claim("Rein vs frozen (linear heads)", ("rein", "frozen"),
+          ((_REIN_T2, "Rein", "DINOv2-L"), (_REIN_T2, "Frozen", "DINOv2-L")), worlds=("1.0",)),
+    Claim("Rein vs frozen (Mask2Former heads)", ("rein_m2f", "frozen_m2f"),
+          ((_REIN_T2, "Rein", "DINOv2-L"), (_REIN_T2, "Frozen", "DINOv2-L")), worlds=("2.0",)),
+    Claim("Rein vs full fine-tuning", ("rein", "full"),
+          ((_REIN_T2, "Rein", "DINOv2-L"), (_REIN_T2, "Full fine-tuning", "DINOv2-L"))),
+    Claim("tqdm (VLM) vs Rein (VFM)", ("tqdm", "rein_m2f"),
+          (("tqdm_gtav_main", "tqdm", "EVA02-CLIP-L"),
+           ("tqdm_gtav_main", "Rein", "DINOv2 ViT-L"))),
+    Claim("text queries vs learnable queries (same VLM)", ("tqdm", "tqdm_learnable"), None,
+          "tqdm, section 3: text object queries generalise better than learnable ones"),
+    Claim("cost aggregation vs raw cost map", ("catseg", "catseg_no_aggregation"), None,
+          "CAT-Seg, section 4 ablations: the aggregation lifts the raw cost", worlds=("2.0",)),
+    Claim("QueryDiff vs Rein", ("querydiff", "rein_m2f"),
+          (("querydiff_gtav_main", "QueryDiff", "DINOv2-L"),
+           ("querydiff_gtav_main", "Rein", "DINOv2-L"))),
+    Claim("diffusion guidance vs none (same agent queries)", ("querydiff", "querydiff_no_dcl"),
+          None, "QueryDiff, section 5.3 (Table 3): each component helps, L_dist included",
+          worlds=("2.0",)),
+    Claim("MFuser vs VFM only", ("mfuser", "rein_m2f"),
+          (_MVFUSER, (_FUSION, "VFM-only", "DINOv2"))),
+    Claim("MFuser vs VLM only", ("mfuser", "tqdm"), (_MVFUSER, (_FUSION, "VLM-only", "EVA02"))),
+    Claim("MVFuser vs plain concatenation", ("mfuser", "mfuser_concat"),
+          (_MVFUSER, (_FUSION, "no fine-tuning (concat)", "DINOv2 + EVA02"))),
+    Claim("MVFuser vs Rein-style cross-attention", ("mfuser", "mfuser_cross_attention"),
+          (_MVFUSER, (_FUSION, "Cross-Attention (Rein-style)", "DINOv2 + EVA02"))),
+    Claim("MVFuser vs separate MVFusers", ("mfuser", "mfuser_separate"),
+          (_MVFUSER, (_FUSION, "Separate MVFusers", "DINOv2 + EVA02"))),
+    Claim("MTEnhancer vs no text enhancement", ("mfuser", "mfuser_no_enhancer"),
+          (("mfuser_text_enhancement", "MTEnhancer", "DINOv2 + EVA02"),
+           ("mfuser_text_enhancement", "no enhancement", "DINOv2 + EVA02"))),
+)
+
+
+def claims_table(results: dict, world: str | None = None,
+                 claims: tuple[Claim, ...] = CLAIMS) -> list[dict]:
+    """Each claim of ``world`` (default: the current) against ``results``: the paper's
+    difference (None where only its direction is stated), the toy's paired difference of the
+    targets' mean with its 95% t interval, and a verdict: ``agrees`` / ``disagrees`` when the
+    interval excludes zero, ``not resolved`` when it does not, ``not testable`` when the two
+    methods share fewer than two seeds."""
+    world = world or tw.current_world()
+    rows = []
+    for c in (c for c in claims if world in c.worlds):
+        paper = None if c.paper is None else paper_mean(*c.paper[0]) - paper_mean(*c.paper[1])
+        row = {"claim": c.claim, "toy": f"{c.toy[0]} - {c.toy[1]}", "paper": paper,
+               "source": c.source}
+        shared = set(per_seed(results, c.toy[0])) & set(per_seed(results, c.toy[1]))
+        if len(shared) < 2:
+            rows.append(row | {"mean": None, "low": None, "high": None, "seeds": len(shared),
+                               "verdict": "not testable (fewer than 2 paired seeds)"})
+            continue
+        d = paired_difference(results, *c.toy)
+        sign = 1.0 if paper is None else math.copysign(1.0, paper)
+        verdict = (("agrees" if sign * d["mean"] > 0 else "disagrees") if d["resolved"]
+                   else "not resolved (the interval includes 0)")
+        rows.append(row | {k: d[k] for k in ("mean", "low", "high")}
+                    | {"seeds": len(d["seeds"]), "verdict": verdict})
+    return rows
+
+
+def load_results(path: Path | None = None) -> dict:
+    """A sweep's results (default: the current world's, ``sweep_dir() / "toy_sweep.json"``);
+    no runs where the file does not exist yet."""
+    path = sweep_dir() / RESULTS_FILE.name if path is None else path
     if not path.exists():
         return {"runs": {}}
     return json.loads(path.read_text())
@@ -331,21 +431,23 @@ def is_done(record: dict | None, cfg: TrainConfig, test_length: int, augment: bo
             and record.get("test_length") == test_length and record.get("augment") == augment)
 
 
+def per_seed(results: dict, method: str, domain: str = "targets' mean") -> dict[int, float]:
+    """A method's mIoU (points) on ``domain`` (or the targets' mean) at each seed it ran."""
+    out = {}
+    for rec in results["runs"].values():
+        if rec["method"] == method:
+            targets = [v for d, v in rec["miou"].items() if d in tw.TARGET_DOMAINS]
+            value = np.mean(targets) if domain == "targets' mean" else rec["miou"][domain]
+            out[rec["seed"]] = 100 * float(value)
+    return out
+
+
 def paired_difference(results: dict, a: str, b: str, domain: str = "targets' mean",
                       confidence: float = 0.95) -> dict:
     """Method ``a`` minus method ``b`` seed by seed (mIoU points): the mean of the per-seed
     differences, its sample standard deviation, a ``confidence`` t interval, and ``resolved``
     (the interval excludes zero). Only seeds both methods ran count."""
-    def per_seed(method: str) -> dict[int, float]:
-        out = {}
-        for rec in results["runs"].values():
-            if rec["method"] == method:
-                targets = [v for d, v in rec["miou"].items() if d in tw.TARGET_DOMAINS]
-                value = np.mean(targets) if domain == "targets' mean" else rec["miou"][domain]
-                out[rec["seed"]] = 100 * float(value)
-        return out
-
-    ra, rb = per_seed(a), per_seed(b)
+    ra, rb = per_seed(results, a, domain), per_seed(results, b, domain)
     seeds = sorted(set(ra) & set(rb))
     if len(seeds) < 2:
         raise ValueError(f"{a} and {b} share {len(seeds)} seed(s); a paired interval needs 2+")

@@ -310,3 +310,64 @@ def test_rank_agreement_is_spearman_over_the_six_main_methods_and_their_paper_ro
         rank_agreement(results(order[:-1]))
     with pytest.raises(ValueError, match="0 row"):
         paper_mean("rein_gtav_main", "Rein", "no such backbone")
+
+
+def _two_method_runs(a: str, b: str, diffs: list[float]) -> dict:
+    domains = (tw.SOURCE_DOMAIN, *tw.TARGET_DOMAINS)
+    runs = {}
+    for seed, d in enumerate(diffs):
+        runs[f"{b}/seed{seed}"] = {"method": b, "seed": seed, "miou": dict.fromkeys(domains, .3)}
+        runs[f"{a}/seed{seed}"] = {"method": a, "seed": seed,
+                                   "miou": dict.fromkeys(domains, .3 + d / 100)}
+    return {"runs": runs}
+
+
+def test_claims_are_read_from_paired_intervals_against_the_papers_sign():
+    from lessons.benchmark import CLAIMS, METHODS, claims_table, paper_mean
+
+    for c in CLAIMS:                                 # every claim names real runs and rows
+        assert set(c.toy) <= set(METHODS) and (c.paper is None) == bool(c.source), c.claim
+        assert all(seeds_of(m, w) for m in c.toy for w in c.worlds), c.claim
+        if c.paper is not None:
+            paper_mean(*c.paper[0]), paper_mean(*c.paper[1])
+    # world 2's Rein claim is like for like: the frozen VFM under Rein's Mask2Former head
+    by_name = {c.claim: c for c in CLAIMS if "2.0" in c.worlds}
+    assert by_name["Rein vs frozen (Mask2Former heads)"].toy == ("rein_m2f", "frozen_m2f")
+    rein_full = next(c for c in CLAIMS if c.toy == ("rein", "full"))      # paper: +2.6
+
+    def verdict(diffs):
+        rows = claims_table(_two_method_runs("rein", "full", diffs), "2.0", (rein_full,))
+        return rows[0]
+
+    row = verdict([1, 2, 3, 4, 5])
+    assert row["verdict"] == "agrees" and row["paper"] == pytest.approx(2.6)
+    assert row["mean"] == pytest.approx(3.0) and row["seeds"] == 5 and row["low"] > 0
+    assert verdict([-1, -2, -3, -4, -5])["verdict"] == "disagrees"
+    assert verdict([-2, 3, -1, 2, 0])["verdict"].startswith("not resolved")
+    one = verdict([4])
+    assert one["verdict"].startswith("not testable") and one["seeds"] == 1 and one["mean"] is None
+    # a claim with only a direction (A beats B) is read as a positive paper sign
+    aggregation = next(c for c in CLAIMS if c.toy == ("catseg", "catseg_no_aggregation"))
+    rows = claims_table(_two_method_runs("catseg", "catseg_no_aggregation", [3, 4, 5]), "2.0",
+                        (aggregation,))
+    assert rows[0]["paper"] is None and rows[0]["verdict"] == "agrees"
+    assert claims_table({"runs": {}}, "1.0", (aggregation,)) == []       # not a world-1 claim
+
+
+def test_each_world_keeps_its_own_sweep_folder(tmp_path, monkeypatch, capsys):
+    from lessons import benchmark
+    from lessons.benchmark import checkpoint_path, sweep_dir
+
+    assert sweep_dir("1.0") == CHECKPOINT_DIR and sweep_dir("2.0") == CHECKPOINT_DIR / "world2"
+    assert load_results()["runs"] == load_results(RESULTS_FILE)["runs"]   # the course's world 1
+    with tw.in_world("2.0"):
+        assert checkpoint_path("rein", 0).parent == CHECKPOINT_DIR / "world2" / "02_rein"
+    monkeypatch.setattr(benchmark, "CHECKPOINT_DIR", tmp_path)
+    monkeypatch.setattr(toy_sweep, "sweep_dir", benchmark.sweep_dir)
+    args = ["--world", "2.0", "--methods", "frozen", "--seeds", "0", "--steps", "2",
+            "--test-length", "2"]
+    assert toy_sweep.main(args) == 0
+    rec = load_results(tmp_path / "world2" / RESULTS_FILE.name)["runs"]["frozen/seed0"]
+    assert rec["toyworld_version"] == "2.0" and rec["val_curve"]["steps"] == [2]
+    assert (tmp_path / "world2" / "02_rein" / "frozen_seed0.safetensors").is_file()
+    assert not (tmp_path / RESULTS_FILE.name).exists() and tw.current_world() == tw.COURSE_WORLD

@@ -30,14 +30,14 @@ import argparse
 import json
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
 from lessons import toyworld as tw
 from lessons.benchmark import METHODS, run_one
-from reprod.toy.sweep import _add_result, _start_job
+from reprod.toy.sweep import add_result, start_job
 
 __all__ = ["CURVES_FILE", "EVERY", "GRID", "LONG", "MAIN_METHODS", "QUORUM", "TOLERANCE",
            "choose_budget", "converged_at", "main"]
@@ -87,7 +87,7 @@ def _curve_run(method: str, steps: int, every: int) -> dict:
 
 
 def _keep(method: str, rec: dict, out: Path) -> None:
-    _add_result(method, rec, out)
+    add_result(method, rec, out)
     print(f"{method}: {rec['seconds']:.0f} s, best validation mIoU "
           f"{100 * max(rec['val_curve']['miou']):.1f}", flush=True)
 
@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         threads = max(torch.get_num_threads() // args.jobs, 1)
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_job,
+                                 initializer=start_job,
                                  initargs=(threads, tw.TOYWORLD_VERSION)) as pool:
-            futures = [(m, pool.submit(_curve_run, m, args.steps, args.every)) for m in todo]
-            for m, future in futures:
-                _keep(m, future.result(), args.out)
+            futures = {pool.submit(_curve_run, m, args.steps, args.every): m for m in todo}
+            for future in as_completed(futures):       # each curve kept as soon as it is done
+                _keep(futures[future], future.result(), args.out)
     return 0
 
 

@@ -24,7 +24,7 @@ import argparse
 import json
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +41,14 @@ from lessons.benchmark import (
     run_key,
     run_one,
     seeds_of,
+    sweep_dir,
     train_config,
 )
-from lessons.checkpoints import CHECKPOINT_DIR
 
-__all__ = ["main"]
+__all__ = ["add_result", "main", "start_job"]
 
 
-def _add_result(key: str, record: dict, path: Path) -> dict:
+def add_result(key: str, record: dict, path: Path) -> dict:
     """Add one run to the results file under a lock (sweeps may run in parallel processes)."""
     try:
         import fcntl  # POSIX; on Windows, run one sweep process at a time
@@ -66,7 +66,7 @@ def _add_result(key: str, record: dict, path: Path) -> dict:
     return results
 
 
-def _start_job(threads: int, world: str) -> None:
+def start_job(threads: int, world: str) -> None:
     """A job process: its share of the CPU threads, the parent's ToyWorld."""
     torch.set_num_threads(threads)
     tw.use_world(world)
@@ -88,15 +88,20 @@ def _report(key: str, rec: dict, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(tw.toy_benchmark()["seeds"]),
-                    help="benchmark seeds (default: the current world's protocol; an ablation "
-                         "runs only its own seeds)")
+    ap.add_argument("--world", default=tw.current_world(), choices=tw.WORLD_VERSIONS,
+                    help="the ToyWorld version to sweep (default: the course's world); world 2's "
+                         "results and checkpoints go to lessons.benchmark.sweep_dir(world)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="benchmark seeds (default: the world's protocol; an ablation runs only "
+                         "its own seeds)")
     ap.add_argument("--checkpoint-seeds", nargs="*", type=int, default=[0],
                     help="seeds whose checkpoints are written (default: 0)")
     ap.add_argument("--steps", type=int, default=None, help="override the training steps")
-    ap.add_argument("--test-length", type=int, default=tw.toy_benchmark()["test_length"])
-    ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR,
-                    help="where checkpoints and toy_sweep.json go (default: the lesson dir)")
+    ap.add_argument("--test-length", type=int, default=None,
+                    help="test scenes per domain (default: the world's protocol)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where checkpoints and toy_sweep.json go (default: the world's "
+                         "lessons.benchmark.sweep_dir)")
     ap.add_argument("--force", action="store_true", help="rerun runs that have results")
     ap.add_argument("--table", action="store_true", help="print the results table and exit")
     ap.add_argument("--jobs", type=int, default=1,
@@ -104,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    with tw.in_world(args.world):
+        return _sweep(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """The sweep of ``main``, in the world ``args.world`` (already entered)."""
+    args.out = sweep_dir() if args.out is None else args.out
+    protocol = tw.toy_benchmark()
+    args.seeds = list(protocol["seeds"]) if args.seeds is None else args.seeds
+    args.test_length = protocol["test_length"] if args.test_length is None else args.test_length
     results_file = args.out / RESULTS_FILE.name
     results = load_results(results_file)
     if args.table:
@@ -127,18 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs == 1:
         for key, run in todo:
             rec, seconds = _timed_run(*run)
-            results = _add_result(key, rec, results_file)
+            results = add_result(key, rec, results_file)
             _report(key, rec, seconds)
     else:
         threads = max(torch.get_num_threads() // args.jobs, 1)
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_job,
+                                 initializer=start_job,
                                  initargs=(threads, tw.current_world())) as pool:
-            futures = [(key, pool.submit(_timed_run, *run)) for key, run in todo]
-            for key, future in futures:                  # results in the order of the plan
+            futures = {pool.submit(_timed_run, *run): key for key, run in todo}
+            for future in as_completed(futures):       # each result kept as soon as it is done
                 rec, seconds = future.result()
-                results = _add_result(key, rec, results_file)
-                _report(key, rec, seconds)
+                results = add_result(futures[future], rec, results_file)
+                _report(futures[future], rec, seconds)
     print(markdown_table(results, args.methods))
     return 0
 
