@@ -62,9 +62,9 @@ from lessons.utils import (
 )
 
 __all__ = [
-    "CLAIMS", "METHODS", "PAPER_ROWS", "RESULTS_FILE", "RUNTIME_KEYS", "SWEEP_TRAIN",
-    "SWEEP_TRAIN_2", "Claim", "Method", "checkpoint_path", "claims_table", "is_done",
-    "load_results", "markdown_table", "paired_difference", "paper_mean", "per_seed",
+    "CLAIMS", "METHODS", "PAPER_ROWS", "PRECONDITION_SEEDS", "RESULTS_FILE", "RUNTIME_KEYS",
+    "SWEEP_TRAIN", "SWEEP_TRAIN_2", "Claim", "Method", "checkpoint_path", "claims_table",
+    "is_done", "load_results", "markdown_table", "paired_difference", "paper_mean", "per_seed",
     "rank_agreement", "run_key", "run_one", "seeds_of", "summary", "sweep_dir", "sweep_train",
     "train_config",
 ]
@@ -86,6 +86,7 @@ class Method:
     keep_checkpoint: bool = True      # ablations keep results only
     worlds: tuple[str, ...] = ("1.0", "2.0")      # the worlds whose sweep runs it
     explore: bool = False             # world 2: an open choice explored at seed 0, no comparison
+    precondition: bool = False        # world 2: a lesson's precondition experiment, seeds 0-2
 
 
 # The same budget for every method (the toy benchmark compares at equal steps and batch).
@@ -95,6 +96,8 @@ SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedul
 # World 2's: the same knobs in the faster loop (module docstring); the augmentation is the
 # method's (``Method.augment``) and bf16 autocast is set where native (``train_config``)
 SWEEP_TRAIN_2 = dict(SWEEP_TRAIN)
+# A lesson's precondition experiment (world 2 only) shows a mechanism on and off at fewer seeds
+PRECONDITION_SEEDS = (0, 1, 2)
 # Knobs that say how a run was computed, not what was trained: a result made with another
 # value (bf16 or not, a GPU or not) counts as the same run
 RUNTIME_KEYS = ("progress", "device", "num_workers", "autocast")
@@ -106,6 +109,7 @@ _FROZEN_M2F = "lessons.mask2former:build_toy_frozen_mask2former"
 _CATSEG = "lessons.catseg:build_toy_catseg"
 _QUERYDIFF = "lessons.querydiff:build_toy_querydiff"
 _MFUSER = "lessons.mfuser:build_toy_mfuser"
+_INVARIANT = "toy_vfm_invariant"
 METHODS: dict[str, Method] = {
     # notebook 08's references: no foundation model at all, with the same budget and augmentation
     "scratch": Method("00_dgss_problem", "lessons.baselines:TinySegNet", label="scratch TinySegNet",
@@ -125,6 +129,15 @@ METHODS: dict[str, Method] = {
     "full_lr_0.1": Method("02_rein", _SEG, {"method": "full", "backbone_lr_mult": 0.1},
                           label="full, encoder lr x0.1", seeds=(0,),
                           keep_checkpoint=False, explore=True),
+    # notebook 02's precondition experiment: the same runs on the invariance-taught toy VFM
+    # (world 1's recipe on world 2's pretraining world), {generic, invariance taught} x
+    # {frozen, Rein}: an adapter pays when the foundation model lacks the invariance
+    "frozen_invariant": Method("02_rein", _SEG, {"method": "frozen", "encoder": _INVARIANT},
+                               label="frozen + head, invariance-taught VFM",
+                               keep_checkpoint=False, worlds=("2.0",), precondition=True),
+    "rein_invariant": Method("02_rein", _SEG, {"method": "rein", "encoder": _INVARIANT},
+                             label="Rein, invariance-taught VFM", keep_checkpoint=False,
+                             worlds=("2.0",), precondition=True),
     # notebook 03: Mask2Former heads (Rein's query link on the VFM; tqdm's text queries on the VLM)
     "rein_m2f": Method("03_text_queries", _REIN_M2F, label="Rein + Mask2Former (query link)"),
     # world 2's like-for-like control of Rein + Mask2Former and QueryDiff: the same head and
@@ -155,6 +168,14 @@ METHODS: dict[str, Method] = {
     "querydiff_no_dcl": Method("05_querydiff", _QUERYDIFF, {"alpha": 0.0},
                                label="agent queries + refinement, no guidance",
                                keep_checkpoint=False),
+    # notebook 05's precondition experiment: what the teacher is shown (lessons.querydiff,
+    # guidance controls): the scene with no look (an invariant oracle) or another image
+    "querydiff_oracle": Method("05_querydiff", _QUERYDIFF, {"guidance": "oracle"},
+                               label="QueryDiff, guided by a look-free oracle",
+                               keep_checkpoint=False, worlds=("2.0",), precondition=True),
+    "querydiff_shuffled": Method("05_querydiff", _QUERYDIFF, {"guidance": "shuffled"},
+                                 label="QueryDiff, guided by a shuffled teacher",
+                                 keep_checkpoint=False, worlds=("2.0",), precondition=True),
     "querydiff_weak": Method("05_querydiff", _QUERYDIFF, {"huber_target": "weak"},
                              label="QueryDiff, Huber on weak features (code)", seeds=(0,),
                              keep_checkpoint=False, explore=True),
@@ -178,20 +199,30 @@ METHODS: dict[str, Method] = {
     "mfuser_no_enhancer": Method("07_mfuser", _MFUSER, {"enhancer": "none"},
                                  label="MFuser without MTEnhancer", seeds=(0,),
                                  keep_checkpoint=False),
+    # notebook 07's precondition experiment: near-twin towers (the VLM's image tower in both
+    # slots, one set of blind spots), fused and concatenated, against the VFM + VLM pair
+    "mfuser_twins": Method("07_mfuser", _MFUSER, {"first_tower": "toy_vlm"},
+                           label="MFuser on near-twin towers (VLM + VLM)",
+                           keep_checkpoint=False, worlds=("2.0",), precondition=True),
+    "mfuser_twins_concat": Method("07_mfuser", _MFUSER, {"first_tower": "toy_vlm",
+                                                         "fusion": "none"},
+                                  label="near-twin towers, frozen concatenation",
+                                  keep_checkpoint=False, worlds=("2.0",), precondition=True),
 }
 
 
 def seeds_of(method: str, world: str | None = None) -> tuple[int, ...]:
     """The seeds a world's sweep runs ``method`` at (default: the current world). World 2: every
-    benchmark seed for a run that enters a comparison (controls included), seed 0 for an
-    ``explore`` run; none where the method is not in that world's sweep. World 1: as its
-    committed sweep ran (``Method.seeds``)."""
+    benchmark seed for a run that enters a comparison (controls included), seeds 0-2 for a
+    lesson's ``precondition`` experiment, seed 0 for an ``explore`` run; none where the method
+    is not in that world's sweep. World 1: as its committed sweep ran (``Method.seeds``)."""
     world = world or tw.current_world()
     spec, benchmark_seeds = METHODS[method], tuple(tw.toy_benchmark(world)["seeds"])
     if world not in spec.worlds:
         return ()
     if world == tw.TOYWORLD_VERSION:
-        return (0,) if spec.explore else benchmark_seeds
+        return (0,) if spec.explore else PRECONDITION_SEEDS if spec.precondition \
+            else benchmark_seeds
     return spec.seeds or benchmark_seeds
 
 

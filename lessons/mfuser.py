@@ -588,14 +588,17 @@ def build_mfuser(variant: str = "eva", vfm_weights: str | Path | None = None,
 
 def build_toy_mfuser(fusion: str = "mvfuser", enhancer: str = "mtenhancer",
                      pixel_text_weight: float = 1.0, n_ctx: int = 5, d_state: int = 16,
-                     projections: bool | None = None, pretrained: bool = True
-                     ) -> MFuserSegmentor:
+                     projections: bool | None = None, pretrained: bool = True,
+                     first_tower: str = "toy_vfm") -> MFuserSegmentor:
     """MFuser on the toy pair: the frozen toy VFM (DINOv2-style) and toy VLM (CLIP-style, so the
     CLIP variant's P1 / P2 / P3), 6 MVFusers at width 192 over 133 + 129 tokens, the FPN on the
-    384-channel maps, an MTEnhancer of width 64, the toy Mask2Former with 19 text queries."""
+    384-channel maps, an MTEnhancer of width 64, the toy Mask2Former with 19 text queries.
+
+    ``first_tower`` replaces the VFM (the lesson's near-twins control: ``"toy_vlm"`` fuses a
+    second copy of the VLM's image tower with the VLM, two towers with the same blind spots)."""
     from lessons.text import PromptLearner
 
-    vfm = build_encoder("toy_vfm", toy_weights_dir() if pretrained else None)
+    vfm = build_encoder(first_tower, toy_weights_dir() if pretrained else None)
     vlm = build_encoder("toy_vlm", toy_weights_dir() if pretrained else None)
     fused = FusedEncoder(vfm, vlm, fusion, projections=projections, heads=4, d_state=d_state)
     E = vlm.bundle.embed_dim

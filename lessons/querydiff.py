@@ -48,6 +48,18 @@ choice has a stated default and, where cheap, a flag:
   replacement of the query embeddings by projected agent queries (projected to D: the release
   feeds 1024-d agent queries to its 256-d head).
 
+Guidance controls (not in the paper; the lesson's precondition experiment): ``guidance="teacher"``
+is QueryDiff; ``"oracle"`` gives the same teacher a view of the scene with no look at all (its
+class map drawn flat in the class palette, :func:`flat_view`), so the target is layout only and
+invariant by construction; ``"shuffled"`` pairs each image with another image's teacher features
+(a teacher that knows nothing about this image).
+
+Guidance controls (not in the paper; the lesson's precondition experiment): ``guidance="teacher"``
+is QueryDiff; ``"oracle"`` shows the same teacher the scene with no look at all (its class map
+drawn flat in the class palette, :func:`flat_view`), so its target is layout only and invariant
+by construction; ``"shuffled"`` gives each image another image's teacher features (a teacher that
+knows nothing of this image).
+
 Timesteps: Stable Diffusion (scaled-linear betas 0.00085 -> 0.012) uses t_w = 0 and t_s = 100; a
 model with another schedule uses the timesteps with the same noise level alpha-bar
 (:func:`matching_timestep`): for DDPM's linear schedule that is t = 5 and t = 100.
@@ -69,6 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lessons.backbones import Encoder, build_encoder, toy_weights_dir
+from lessons.classes import IGNORE_INDEX, PALETTE
 from lessons.mask2former import (
     Mask2FormerHead,
     MaskClassificationLoss,
@@ -82,6 +95,7 @@ from lessons.rein import Reins
 from lessons.toyworld import current_world
 
 __all__ = [
+    "GUIDANCE",
     "SD21_UNET",
     "SD_FEATURE_LAYERS",
     "SD_LATENT_SCALE",
@@ -102,6 +116,8 @@ __all__ = [
     "build_toy_unet",
     "cache_features",
     "empty_prompt_embedding",
+    "flat_view",
+    "guidance_features",
     "halving_groups",
     "matching_timestep",
     "sd_scheduler",
@@ -586,6 +602,45 @@ class AgentRefinement(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Guidance controls: the teacher, a look-free oracle, a shuffled teacher
+# ----------------------------------------------------------------------------------------------
+
+GUIDANCE = ("teacher", "oracle", "shuffled")
+
+
+def flat_view(labels: torch.Tensor) -> torch.Tensor:
+    """The scene with its look removed: labels (B, H, W) drawn flat in the class palette,
+    (B, 3, H, W) in [0, 1], ignore black. Every look of one scene gives the same view."""
+    if labels.dim() != 3 or labels.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise ValueError(f"expected integer labels (B, H, W), got {tuple(labels.shape)} "
+                         f"{labels.dtype}")
+    lut = torch.tensor((*PALETTE, (0, 0, 0)), dtype=torch.float32, device=labels.device) / 255
+    index = labels.long()
+    bad = ((index < 0) | (index >= len(PALETTE))) & (index != IGNORE_INDEX)
+    if bad.any():
+        raise ValueError(f"labels hold class ids outside 0..{len(PALETTE) - 1} and "
+                         f"{IGNORE_INDEX}: {index[bad].unique()[:10].tolist()}")
+    index = torch.where(index == IGNORE_INDEX, len(PALETTE), index)
+    return lut[index].permute(0, 3, 1, 2)                                  # (B, 3, H, W)
+
+
+def guidance_features(teacher: DiffusionTeacher, images: torch.Tensor, labels: torch.Tensor,
+                      guidance: str = "teacher") -> TeacherFeatures:
+    """The teacher features one batch is guided toward (module docstring, guidance controls):
+    the teacher on the images; on their :func:`flat_view`; or on the images, rolled by one along
+    the batch so that each image gets another's."""
+    if guidance == "teacher":
+        return teacher.features(images)
+    if guidance == "oracle":
+        return teacher.features(flat_view(labels).to(images))
+    if guidance == "shuffled":
+        if images.shape[0] < 2:
+            raise ValueError("a shuffled teacher needs a batch of 2 or more images")
+        return teacher.features(images)[torch.roll(torch.arange(images.shape[0]), 1)]
+    raise ValueError(f"guidance must be one of {GUIDANCE}, got {guidance!r}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The segmentor: Rein + Mask2Former + agent queries (+ the teacher while training)
 # ----------------------------------------------------------------------------------------------
 
@@ -603,8 +658,10 @@ class QueryDiffSegmentor(MaskFormerSegmentor):
                  criterion: MaskClassificationLoss, *, reins: Reins,
                  agents: AgentQueryGenerator, refinement: AgentRefinement,
                  dcl: DiffusionConsistencyLoss | None = None, teacher=None, alpha: float = 1.0,
-                 queries_from: str = "rein"):
+                 queries_from: str = "rein", guidance: str = "teacher"):
         super().__init__(encoder, neck, head, criterion, reins=reins)
+        if guidance not in GUIDANCE:
+            raise ValueError(f"guidance must be one of {GUIDANCE}, got {guidance!r}")
         if queries_from not in ("rein", "agents"):
             raise ValueError(f"queries_from must be 'rein' or 'agents', got {queries_from!r}")
         if queries_from == "agents" and agents.num_queries != head.cfg.num_queries:
@@ -614,7 +671,7 @@ class QueryDiffSegmentor(MaskFormerSegmentor):
             raise ValueError("alpha > 0 needs the diffusion consistency loss (dcl)")
         self.agents, self.refinement, self.dcl = agents, refinement, dcl
         self.agent_proj = nn.Linear(encoder.width, head.cfg.hidden_dim)        # c -> D (Q7)
-        self.alpha, self.queries_from = alpha, queries_from
+        self.alpha, self.queries_from, self.guidance = alpha, queries_from, guidance
         self.__dict__["_teacher"] = teacher        # not registered: never saved or moved
 
     @property
@@ -654,7 +711,8 @@ class QueryDiffSegmentor(MaskFormerSegmentor):
                 if self.teacher is None:
                     raise ValueError("diffusion guidance (alpha > 0) needs a teacher or "
                                      "teacher_features")
-                teacher_features = self.teacher.to(images.device).features(images)
+                teacher_features = guidance_features(self.teacher.to(images.device), images,
+                                                     labels, self.guidance)
             tf = teacher_features.to(images.device)
             dcl = self.dcl(feats["q_agent"], tf.weak, tf.strong)
             losses["loss_dcl_dist"] = self.alpha * dcl["dist"]
@@ -665,10 +723,12 @@ class QueryDiffSegmentor(MaskFormerSegmentor):
 def build_toy_querydiff(alpha: float = 1.0, huber_target: str = "strong", num_queries: int = 19,
                         queries_from: str = "rein", lora_rank: int | None = 8,
                         teacher_weights: str | Path | None = TOY_DIFFUSION_WEIGHTS,
-                        pretrained: bool = True) -> QueryDiffSegmentor:
+                        pretrained: bool = True, guidance: str = "teacher"
+                        ) -> QueryDiffSegmentor:
     """QueryDiff on the toy VFM: Rein + Mask2Former (notebook 03's ``rein_m2f``) plus agent
     queries, refinement and, when ``alpha > 0``, the toy diffusion teacher (built on first use).
-    ``alpha=0`` keeps agent queries and refinement without guidance (the ablation)."""
+    ``alpha=0`` keeps agent queries and refinement without guidance (the ablation);
+    ``guidance`` picks what the teacher looks at (``GUIDANCE``, module docstring)."""
     enc = build_encoder("toy_vfm", toy_weights_dir() if pretrained else None)
     cfg = toy_config(in_channels=(enc.width,) * 4, query_source="rein", num_queries=num_queries)
     reins = Reins(enc.depth, enc.width, token_length=num_queries, lora_rank=lora_rank,
@@ -684,6 +744,7 @@ def build_toy_querydiff(alpha: float = 1.0, huber_target: str = "strong", num_qu
         teacher = lambda: DiffusionTeacher.toy(teacher_weights, world)  # noqa: E731  (lazily)
     return QueryDiffSegmentor(enc, RescaleNeck(enc.patch_size), Mask2FormerHead(cfg), criterion,
                               reins=reins, agents=agents, refinement=refinement, dcl=dcl,
-                              teacher=teacher, alpha=alpha, queries_from=queries_from)
+                              teacher=teacher, alpha=alpha, queries_from=queries_from,
+                              guidance=guidance)
 
 

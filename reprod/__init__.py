@@ -9,5 +9,5 @@ Modules: bench, convert, evaluate, experiment, gpu_check, install_mamba_ssm, mod
 prepare_data, protocols, safe_io, train, course.bench_scan, course.diagrams,
 course.notebook_imports, course.notebooks, course.site, course.student_copies, data.datasets,
 data.pipelines, toy.bench_render, toy.bench_sweep, toy.curves, toy.diffusion, toy.gates,
-toy.pretrain, toy.regenerate, toy.resumable, toy.sweep, toy.vlm
+toy.preconditions, toy.pretrain, toy.regenerate, toy.resumable, toy.sweep, toy.vlm
 """

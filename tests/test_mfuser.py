@@ -460,3 +460,17 @@ def test_gpu_toy_mfuser_trains_and_predicts_like_the_cpu(batch):
     assert gpu.encoder.fusers[0].mixer.in_proj.weight.grad is not None
     gpu.eval()
     assert torch.allclose(gpu.predict(images.cuda()).cpu(), cpu.predict(images), atol=1e-3)
+
+
+def test_the_near_twins_control_puts_a_second_vlm_tower_in_the_vfm_slot(batch):
+    """The lesson's precondition control: the same MFuser with the VLM's image tower in both
+    slots (two towers with one set of blind spots), fused or concatenated."""
+    images, labels = batch
+    from lessons.utils import count_parameters
+
+    twins = mf.build_toy_mfuser(pretrained=False, first_tower="toy_vlm")
+    assert twins.encoder.vfm.bundle.name == twins.encoder.vlm.bundle.name == "toy_vlm"
+    assert count_parameters(twins) == count_parameters(mf.build_toy_mfuser(pretrained=False))
+    assert torch.isfinite(sum(twins.loss(images, labels).values()))
+    concat = mf.build_toy_mfuser(pretrained=False, first_tower="toy_vlm", fusion="none")
+    assert concat.encoder.fusers is None

@@ -328,6 +328,51 @@ def test_no_guidance_ablation_has_no_teacher_or_dcl(batch):
     assert not any(k.startswith("loss_dcl") for k in m.loss(images, labels))
 
 
+def test_flat_view_draws_the_class_map_and_is_the_same_for_every_look():
+    from lessons import toyworld as tw
+    from lessons.classes import PALETTE
+
+    labels = torch.tensor([[[0, 13, 255]]])
+    view = qd.flat_view(labels)
+    assert view.shape == (1, 3, 1, 3) and view.min() >= 0 and view.max() <= 1
+    assert torch.allclose(view[0, :, 0, 1] * 255, torch.tensor(PALETTE[13], dtype=torch.float))
+    assert view[0, :, 0, 2].sum() == 0                                     # ignore: black
+    looks = tw.render_across_domains(3, domains=("synthetic", "fog", "painted"), world="2.0")
+    labels = [torch.as_tensor(lab) for _, lab in looks.values()]
+    assert all(torch.equal(qd.flat_view(labels[0][None]), qd.flat_view(x[None]))
+               for x in labels)
+    with pytest.raises(ValueError, match="integer labels"):
+        qd.flat_view(torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="outside"):
+        qd.flat_view(torch.tensor([[[19]]]))
+
+
+def test_guidance_controls_change_only_what_the_teacher_sees(teacher, batch):
+    images, labels = batch
+    real = qd.guidance_features(teacher, images, labels, "teacher")
+    torch.manual_seed(0)
+    oracle = qd.guidance_features(teacher, images, labels, "oracle")
+    torch.manual_seed(0)
+    assert torch.allclose(oracle.strong[0],
+                          teacher.features(qd.flat_view(labels)).strong[0])
+    # shuffled: each image gets its neighbour's features under the same noise
+    torch.manual_seed(1)
+    shuffled = qd.guidance_features(teacher, images, labels, "shuffled")
+    torch.manual_seed(1)
+    same_noise = teacher.features(images)
+    assert torch.equal(shuffled.weak[0][0], same_noise.weak[0][1])
+    assert torch.equal(shuffled.strong[1][1], same_noise.strong[1][0])
+    assert real.weak[0].shape == oracle.weak[0].shape == shuffled.weak[0].shape
+    with pytest.raises(ValueError, match="batch of 2"):
+        qd.guidance_features(teacher, images[:1], labels[:1], "shuffled")
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        qd.guidance_features(teacher, images, labels, "noise")
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        _model(teacher, guidance="noise")
+    m = _model(teacher, guidance="oracle")
+    assert m.guidance == "oracle" and torch.isfinite(m.loss(images, labels)["loss_dcl_sup"])
+
+
 def test_agents_as_decoder_queries(teacher, batch):
     images, _ = batch
     m = _model(teacher, queries_from="agents")

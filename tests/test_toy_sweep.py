@@ -251,6 +251,15 @@ def test_world_2_runs_every_compared_method_and_control_at_five_seeds():
         assert seeds_of(control, "2.0") == (0, 1, 2, 3, 4), control
     assert seeds_of("rein_m5", "2.0") == (0,) and seeds_of("mfuser_concat", "1.0") == (0,)
     assert seeds_of("frozen_m2f", "1.0") == ()            # world 1's sweep never ran it
+    # the lessons' precondition experiments: world 2 only, seeds 0-2, builder kwargs a header holds
+    from lessons.checkpoints import check_builder_kwargs
+
+    experiments = [m for m, spec in METHODS.items() if spec.precondition]
+    assert set(experiments) == {"frozen_invariant", "rein_invariant", "querydiff_oracle",
+                                "querydiff_shuffled", "mfuser_twins", "mfuser_twins_concat"}
+    for m in experiments:
+        assert seeds_of(m, "2.0") == (0, 1, 2) and seeds_of(m, "1.0") == (), m
+        check_builder_kwargs(METHODS[m].builder, METHODS[m].builder_kwargs)
 
 
 def test_the_two_world_2_controls_train_and_predict():
