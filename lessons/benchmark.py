@@ -64,9 +64,9 @@ from lessons.utils import (
 __all__ = [
     "CLAIMS", "METHODS", "PAPER_ROWS", "PRECONDITION_SEEDS", "RESULTS_FILE", "RUNTIME_KEYS",
     "SWEEP_TRAIN", "SWEEP_TRAIN_2", "Claim", "Method", "checkpoint_path", "claims_table",
-    "is_done", "load_results", "markdown_table", "paired_difference", "paper_mean", "per_seed",
-    "rank_agreement", "run_key", "run_one", "seeds_of", "summary", "sweep_dir", "sweep_train",
-    "train_config",
+    "is_done", "load_results", "markdown_table", "paired_difference", "paper_mean",
+    "per_class_difference", "per_seed", "rank_agreement", "run_key", "run_one", "seeds_of",
+    "summary", "sweep_dir", "sweep_train", "train_config",
 ]
 
 RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"     # world 1's sweep (``sweep_dir("1.0")``)
@@ -488,6 +488,49 @@ def paired_difference(results: dict, a: str, b: str, domain: str = "targets' mea
     low, high = float(d.mean()) - half, float(d.mean()) + half
     return {"a": a, "b": b, "domain": domain, "seeds": seeds, "mean": float(d.mean()),
             "sd": sd, "low": low, "high": high, "resolved": low > 0 or high < 0}
+
+
+def per_class_difference(results: dict, a: str, b: str,
+                         domains: tuple[str, ...] | None = None,
+                         confidence: float = 0.95) -> dict[str, dict]:
+    """Method ``a`` minus method ``b``, class by class (IoU points), paired by seed: per seed, a
+    class's IoU averaged over the ``domains`` where it is present (default: the targets), then
+    the mean of the per-seed differences with its ``confidence`` t interval (``resolved``: the
+    interval excludes zero). Classes absent from every domain are left out."""
+    from lessons.classes import CLASSES
+
+    domains = tuple(tw.TARGET_DOMAINS) if domains is None else domains
+
+    def per_seed_class(method: str) -> dict[int, np.ndarray]:
+        out = {}
+        for rec in results["runs"].values():
+            if rec["method"] == method:
+                if "class_iou" not in rec:
+                    raise ValueError(f"{method} seed {rec['seed']} has no per-class IoU (a run "
+                                     "made before the sweep recorded it)")
+                rows = np.array([[np.nan if v is None else v for v in rec["class_iou"][d]]
+                                 for d in domains], dtype=float)               # (domains, K)
+                present = (~np.isnan(rows)).sum(0)
+                mean = np.nansum(rows, 0) / np.maximum(present, 1)
+                out[rec["seed"]] = 100 * np.where(present > 0, mean, np.nan)   # (K,)
+        return out
+
+    ra, rb = per_seed_class(a), per_seed_class(b)
+    seeds = sorted(set(ra) & set(rb))
+    if len(seeds) < 2:
+        raise ValueError(f"{a} and {b} share {len(seeds)} seed(s); a paired interval needs 2+")
+    diffs = np.stack([ra[s] - rb[s] for s in seeds])                      # (seeds, K)
+    t = float(stats.t.ppf(0.5 + confidence / 2, len(seeds) - 1))
+    out = {}
+    for k, name in enumerate(CLASSES):
+        d = diffs[:, k]
+        if np.isnan(d).any():
+            continue
+        half = t * float(d.std(ddof=1)) / math.sqrt(len(d))
+        low, high = float(d.mean()) - half, float(d.mean()) + half
+        out[name] = {"mean": float(d.mean()), "low": low, "high": high, "seeds": seeds,
+                     "resolved": low > 0 or high < 0}
+    return out
 
 
 def summary(results: dict, methods: list[str] | None = None) -> dict[str, dict]:

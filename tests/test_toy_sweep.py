@@ -380,3 +380,27 @@ def test_each_world_keeps_its_own_sweep_folder(tmp_path, monkeypatch, capsys):
     assert rec["toyworld_version"] == "2.0" and rec["val_curve"]["steps"] == [2]
     assert (tmp_path / "world2" / "02_rein" / "frozen_seed0.safetensors").is_file()
     assert not (tmp_path / RESULTS_FILE.name).exists() and tw.current_world() == tw.COURSE_WORLD
+
+
+def test_per_class_difference_pairs_seeds_class_by_class_over_the_domains_present():
+    from lessons.benchmark import per_class_difference
+    from lessons.classes import CLASSES
+
+    car, bus = CLASSES.index("car"), CLASSES.index("bus")
+    runs = {}
+    for seed, d in enumerate([10, 20, 30]):
+        for method, shift in (("tqdm", d), ("tqdm_learnable", 0)):
+            iou = {dom: [0.5] * 19 for dom in tw.TARGET_DOMAINS}
+            for dom in tw.TARGET_DOMAINS:
+                iou[dom][car] = 0.4 + shift / 100
+                iou[dom][bus] = None                          # absent everywhere: left out
+            iou["fog"][car] = None                            # absent in one domain: averaged
+            runs[f"{method}/seed{seed}"] = {"method": method, "seed": seed, "class_iou": iou}
+    diff = per_class_difference({"runs": runs}, "tqdm", "tqdm_learnable")
+    assert "bus" not in diff and diff["car"]["mean"] == pytest.approx(20.0)
+    assert diff["car"]["seeds"] == [0, 1, 2] and diff["road"]["mean"] == 0
+    assert not diff["road"]["resolved"] and diff["car"]["low"] == pytest.approx(
+        20 - 4.3027 * 10 / 3 ** 0.5, abs=1e-3)
+    del runs["tqdm/seed0"]["class_iou"]
+    with pytest.raises(ValueError, match="no per-class IoU"):
+        per_class_difference({"runs": runs}, "tqdm", "tqdm_learnable")
