@@ -32,6 +32,7 @@ __all__ = [
     "domain_heatmap",
     "feature_pca",
     "index_colours",
+    "learning_curves",
     "legend_handles",
     "overlay",
     "setup_style",
@@ -338,6 +339,48 @@ def domain_heatmap(
     ax.set(xlabel="", ylabel="")
     ax.tick_params(axis="x", labelrotation=0 if len(columns) <= 8 else 30, length=0)
     ax.tick_params(axis="y", labelrotation=0, length=0)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+def learning_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    ax: Axes | None = None,
+    title: str | None = None,
+    *,
+    converged: Mapping[str, int] | None = None,
+    budget: int | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Axes:
+    """Validation mIoU (%) against training step, one line per method.
+
+    ``curves`` maps a method to ``{"steps": [...], "miou": [...]}`` (mIoU in [0, 1], as runs
+    record it); ``converged`` marks each method's step of convergence with a dot, ``budget``
+    draws the chosen budget as a dashed vertical line, ``labels`` renames the methods.
+    """
+    if not curves:
+        raise ValueError("curves must map at least one method to its steps and mIoU")
+    for method, curve in curves.items():
+        if len(curve["steps"]) != len(curve["miou"]) or not curve["steps"]:
+            raise ValueError(f"{method}: a curve needs as many steps as mIoU values, got "
+                             f"{len(curve['steps'])} and {len(curve['miou'])}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.0, 4.0))
+    colours = sns.color_palette("colorblind", len(curves))
+    for colour, (method, curve) in zip(colours, curves.items(), strict=True):
+        steps, miou = list(curve["steps"]), [100 * v for v in curve["miou"]]
+        name = (labels or {}).get(method, method)
+        ax.plot(steps, miou, color=colour, linewidth=1.4, label=name)
+        if converged is not None and method in converged:
+            at = converged[method]
+            ax.plot(at, miou[steps.index(at)], "o", color=colour, markersize=5)
+    if budget is not None:
+        ax.axvline(budget, color="0.3", linestyle="--", linewidth=1)
+        ax.annotate(f"budget {budget:,}", (budget, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -10), textcoords="offset points", fontsize=8, color="0.3")
+    ax.set(xlabel="training step", ylabel="validation mIoU (%)")
+    ax.legend(loc="lower right", ncol=2, frameon=False)
     if title is not None:
         ax.set_title(title)
     return ax

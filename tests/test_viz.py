@@ -219,3 +219,25 @@ def test_index_colours_are_distinct_and_categorical() -> None:
         index_colours(np.array([0.5]), 5)
     with pytest.raises(ValueError, match="1..60"):
         index_colours(np.array([0]), 61)
+
+
+def test_learning_curves_draw_a_line_per_method_their_convergence_and_the_budget() -> None:
+    from lessons.viz import learning_curves
+
+    curves = {"frozen": {"steps": [100, 200, 300], "miou": [0.3, 0.4, 0.41]},
+              "rein": {"steps": [100, 200, 300], "miou": [0.2, 0.5, 0.45]}}
+    ax = learning_curves(curves, converged={"frozen": 200, "rein": 200}, budget=250,
+                         labels={"rein": "Rein"}, title="t")
+    lines = [ln for ln in ax.lines if ln.get_label() in ("frozen", "Rein")]
+    assert [ln.get_label() for ln in lines] == ["frozen", "Rein"]
+    assert list(lines[1].get_ydata()) == pytest.approx([20, 50, 45])     # percent
+    dots = [ln for ln in ax.lines if ln.get_marker() == "o"]
+    assert [(float(d.get_xdata()[0]), float(d.get_ydata()[0])) for d in dots] == [
+        (200, pytest.approx(40)), (200, pytest.approx(50))]
+    assert any(list(ln.get_xdata()) == [250, 250] for ln in ax.lines)      # the budget line
+    assert ax.get_title() == "t" and ax.get_xlabel() == "training step"
+    plt.close(ax.figure)
+    with pytest.raises(ValueError, match="at least one method"):
+        learning_curves({})
+    with pytest.raises(ValueError, match="as many steps"):
+        learning_curves({"x": {"steps": [1, 2], "miou": [0.1]}})
