@@ -23,28 +23,37 @@ step would not fit the time budget:
    minutes, so if its limit stops it, the same command again on the still-warm machine resumes
    it (``--only world2``); the rest follows in a second command (``--skip world2``);
 4. ``curves``: world 2's learning curves, the main methods at seed 0 for 2,000 steps, eight at a
-   time (``reprod.toy.curves --jobs 8``, resumable by method), from which the sweep's budget is
-   chosen by the rule written down first; a 2-core CPU needs most of a day for them;
-5. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
+   time (``reprod.toy.curves --jobs 8``, resumable by method: it starts from the committed
+   curves and has nothing to do once they are all there), from which the sweep's budget is
+   chosen by the rule written down first;
+5. ``invariant``: notebook 02's invariance-taught toy VFM (``reprod.toy.pretrain vfm_invariant``
+   on CUDA, exported with its card into ``OUT/invariant``) unless ``lessons/weights`` holds it;
+   about 2 hours on a 2-core CPU;
+6. ``sweep2``: world 2's sweep (``reprod.toy.sweep --world 2.0 --jobs 8``), resuming from the
+   committed results and checkpoints (``lessons/weights/checkpoints/world2``): a 2-core CPU
+   needs about a day for it, so each lent GPU adds what it can in its minutes;
+7. ``mamba_ssm``: builds mamba-ssm's fused selective scan for this GPU's architecture only from the
    carried sdist (``reprod.install_mamba_ssm --sdist``); skipped when it already imports;
-6. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
+8. ``pytest_gpu``: ``pytest -m gpu`` (the fused kernel against the references, the toy models on
    CUDA);
-7. ``scan``: the selective scan on the GPU, the fused kernel against ``lessons.ssm``'s pure-PyTorch
+9. ``scan``: the selective scan on the GPU, the fused kernel against ``lessons.ssm``'s pure-PyTorch
    chunked scan, forward and forward + backward, with the maximum difference;
-8. ``step_bf16``: ``reprod.bench step`` for every real-scale config in bf16 at 512², batch 2,
+10. ``step_bf16``: ``reprod.bench step`` for every real-scale config in bf16 at 512², batch 2,
    random weights (MFuser first: its targets are <= 24 GB at batch 2 and 20k steps within an hour
    on one H100);
-9. ``fusion``: MVFuser against self-attention at width 1024 from 1k to 16k tokens;
-10. ``ddp``: a DDP smoke run with NCCL at world size 1 (``torchrun -m reprod.train toy_rein``);
-11. ``toy_sweep``: a few toy-sweep runs on CUDA, two at a time (``--jobs 2``), with their
+11. ``fusion``: MVFuser against self-attention at width 1024 from 1k to 16k tokens;
+12. ``ddp``: a DDP smoke run with NCCL at world size 1 (``torchrun -m reprod.train toy_rein``);
+13. ``toy_sweep``: a few toy-sweep runs on CUDA, two at a time (``--jobs 2``), with their
    images / s;
-12. ``step_fp32``: the Rein and MFuser rows again in fp32.
+14. ``step_fp32``: the Rein and MFuser rows again in fp32.
 
 Each step runs as its own process with a time limit, and its result is appended, as it finishes,
 to ``runs/gpu_check/report.json`` and ``report.md`` (``--out``). ``--collect DIR`` copies what
 must come home into one flat folder at the end: the two reports (every step's figures are in
-``report.json``), the world-2 tries' gates and tries file, each model ``world2`` made as one
-tar, and the learning curves: at most eight files, as a lent machine hands back. Standing
+``report.json``), the world-2 tries' gates and tries file, each model ``world2`` or
+``invariant`` made as one tar, the learning curves, world 2's sweep results and its lesson
+checkpoints as one tar: at most eight files in practice (the three world-2 models are
+committed), as a lent machine hands back. Standing
 order: whenever a GPU is lent, run this first, commit the report, and copy its figures into
 docs/measured.md with the GPU named.
 """
@@ -61,7 +70,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["COLLECT", "COLLECT_MODELS", "STEPS", "Step", "collect", "main", "plan", "run_steps"]
+__all__ = ["COLLECT", "COLLECT_MODELS", "MAX_FILES", "STEPS", "Step", "collect", "main", "plan",
+           "run_steps"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("runs/gpu_check")
@@ -97,8 +107,19 @@ STEPS: tuple[Step, ...] = (
          "--chunk-minutes 2 --out {out}/world2 --describe \"the committed recipe, on a GPU in "
          "bf16\"", 450,
          "timm, open_clip, diffusers, safetensors (carried wheels)", limit_s=570),
-    Step("curves", "{py} -m reprod.toy.curves --jobs 8 --out {out}/toy_curves_world2.json", 300,
+    Step("curves", "cp -n docs/results/toy_curves_world2.json {out}/ 2>/dev/null; "
+         "{py} -m reprod.toy.curves --jobs 8 --out {out}/toy_curves_world2.json", 300,
          "world 2's three toy models in lessons/weights", limit_s=540),
+    Step("invariant", "test -f lessons/weights/toy_vfm_invariant.safetensors || "
+         "({py} -m reprod.toy.pretrain vfm_invariant --device cuda --until-done "
+         "--chunk-minutes 2 --run-dir {out}/invariant_run && "
+         "{py} -m reprod.toy.pretrain vfm_invariant --run-dir {out}/invariant_run --export "
+         "--card --out {out}/invariant/toy_vfm_invariant.safetensors)", 480,
+         "world 2's pretraining world (lessons.toyworld)", limit_s=570),
+    Step("sweep2", "mkdir -p {out}/sweep2 && cp -rn lessons/weights/checkpoints/world2/. "
+         "{out}/sweep2/ 2>/dev/null; {py} -m reprod.toy.sweep --world 2.0 --jobs 8 "
+         "--out {out}/sweep2", 540, "world 2's toy models in lessons/weights (the "
+         "invariance-taught VFM for its two precondition runs)", limit_s=570),
     Step("mamba_ssm", "{py} -m reprod.install_mamba_ssm --sdist {sdist}", 180,
          "--sdist: mamba-ssm's source archive, nvcc", limit_s=420, optional=True),
     Step("pytest_gpu", "{py} -m pytest -m gpu -q -o addopts= tests",
@@ -232,34 +253,62 @@ def run_steps(args: argparse.Namespace) -> int:
 COLLECT = {"report.json": "report.json", "report.md": "report.md",
            "world2/gates.json": "world2_gates.json",
            "world2/toyworld2_gates.json": "toyworld2_gates.json",
-           "toy_curves_world2.json": "toy_curves_world2.json"}
+           "toy_curves_world2.json": "toy_curves_world2.json",
+           "sweep2/toy_sweep.json": "toy_sweep_world2.json"}
 """What ``--collect`` copies (path under ``--out`` -> name in the flat folder), when present."""
 COLLECT_MODELS = ("toy_vfm", "toy_vlm", "toy_diffusion")
 """World-2 toy models ``--collect`` brings home as one ``<model>.tar`` each (weights, card),
-when ``world2`` made them: a device machine hands back at most eight files."""
+when ``world2`` made them (``toy_vfm_invariant`` when ``invariant`` made it)."""
+MAX_FILES = 8
+"""A device machine hands back at most eight files: ``collect`` writes the most valuable first
+and names what it leaves out."""
+
+
+def _tar(dest: Path, files: list[tuple[Path, str]]) -> Path:
+    import tarfile
+
+    with tarfile.open(dest, "w") as tar:
+        for f, name in files:
+            tar.add(f, arcname=name)
+    return dest
 
 
 def collect(out: Path, dest: Path) -> list[Path]:
-    """Copy the files of :data:`COLLECT` that exist under ``out`` into ``dest``, and each model
-    of :data:`COLLECT_MODELS` made under ``out/world2`` as a tar of its weights and card files;
-    returns what it wrote."""
+    """Bring home, into the flat folder ``dest``, what exists under ``out``: the reports, the
+    curves and world 2's sweep results (:data:`COLLECT`), world 2's lesson checkpoints as one tar,
+    each toy model ``world2`` or ``invariant`` made as a tar of its weights and card, then the
+    gates; at most :data:`MAX_FILES`, in that order (what does not fit is printed). Returns what
+    it wrote."""
     import shutil
-    import tarfile
 
     dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for src, name in COLLECT.items():
+    wanted = []                                        # (name, write) in order of value
+    first = ("report.json", "report.md", "toy_curves_world2.json", "sweep2/toy_sweep.json")
+    gates = ("world2/gates.json", "world2/toyworld2_gates.json")
+    for src in first:
         if (out / src).is_file():
-            copied.append(Path(shutil.copy(out / src, dest / name)))
-    for model in COLLECT_MODELS:
-        files = [out / "world2" / f"{model}{ext}" for ext in (".safetensors", ".md", ".json")]
+            wanted.append((COLLECT[src], lambda s=src: Path(shutil.copy(out / s,
+                                                                       dest / COLLECT[s]))))
+    checkpoints = sorted((out / "sweep2").glob("*/*.safetensors"))
+    if checkpoints:                  # world 2's lesson checkpoints, one folder per lesson
+        wanted.append(("sweep2_checkpoints.tar", lambda: _tar(
+            dest / "sweep2_checkpoints.tar", [(f, f"{f.parent.name}/{f.name}")
+                                              for f in checkpoints])))
+    folders = {"toy_vfm_invariant": out / "invariant"} | {m: out / "world2"
+                                                          for m in COLLECT_MODELS}
+    for model, folder in folders.items():
+        files = [folder / f"{model}{ext}" for ext in (".safetensors", ".md", ".json")]
         if files[0].is_file():
-            with tarfile.open(dest / f"{model}.tar", "w") as tar:
-                for f in files:
-                    if f.is_file():
-                        tar.add(f, arcname=f.name)
-            copied.append(dest / f"{model}.tar")
-    return copied
+            wanted.append((f"{model}.tar", lambda m=model, fs=files: _tar(
+                dest / f"{m}.tar", [(f, f.name) for f in fs if f.is_file()])))
+    for src in gates:
+        if (out / src).is_file():
+            wanted.append((COLLECT[src], lambda s=src: Path(shutil.copy(out / s,
+                                                                       dest / COLLECT[s]))))
+    if len(wanted) > MAX_FILES:
+        print(f"[gpu_check] left out (a device machine hands back {MAX_FILES} files): "
+              f"{[name for name, _ in wanted[MAX_FILES:]]}")
+    return [write() for _, write in wanted[:MAX_FILES]]
 
 
 def detect(out: Path) -> dict:

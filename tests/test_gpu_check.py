@@ -24,12 +24,19 @@ def test_dry_run_prints_every_step_with_its_time_and_needs(capsys):
     assert "beyond the budget" in text            # the plan is longer than nine minutes
     finishes = [finish for _, finish in gc.plan(9)]
     assert finishes == sorted(finishes)
-    assert [s.name for s in gc.STEPS][:6] == ["detect", "wheels", "world2", "curves",
-                                              "mamba_ssm", "pytest_gpu"]
+    assert [s.name for s in gc.STEPS][:8] == ["detect", "wheels", "world2", "curves",
+                                              "invariant", "sweep2", "mamba_ssm", "pytest_gpu"]
     curves = next(s for s in gc.STEPS if s.name == "curves")
     assert "reprod.toy.curves --jobs 8" in curves.command and curves.limit_s < 600
     assert "toy_curves_world2.json" in gc.COLLECT.values()
-    assert len(gc.COLLECT) + len(gc.COLLECT_MODELS) <= 8       # a lent machine's eight files
+    assert gc.MAX_FILES == 8                                   # a lent machine's eight files
+    for name in ("curves", "invariant", "sweep2"):             # each resumes what is committed
+        step = next(s for s in gc.STEPS if s.name == name)
+        assert step.limit_s < 600, name
+    sweep2 = next(s for s in gc.STEPS if s.name == "sweep2").command
+    assert "lessons/weights/checkpoints/world2/." in sweep2 and "--world 2.0 --jobs 8" in sweep2
+    invariant = next(s for s in gc.STEPS if s.name == "invariant").command
+    assert invariant.startswith("test -f lessons/weights/toy_vfm_invariant.safetensors ||")
     world2 = next(s for s in gc.STEPS if s.name == "world2")
     assert "reprod.toy.regenerate --untried --uncommitted --device cuda" in world2.command
     assert world2.limit_s < 600                     # one device command runs at most 10 minutes
@@ -78,7 +85,6 @@ def test_collect_copies_what_must_come_home_into_one_flat_folder(tmp_path):
     names = sorted(p.name for p in copied)
     assert names == ["report.json", "report.md", "toy_diffusion.tar",
                      "world2_gates.json"]     # no tries file written, no VLM trained, no state
-    assert len(gc.COLLECT) + len(gc.COLLECT_MODELS) <= 8     # a device machine hands back 8
     assert (tmp_path / "home" / "world2_gates.json").read_text() == "world2/gates.json"
     with tarfile.open(tmp_path / "home" / "toy_diffusion.tar") as tar:
         assert sorted(tar.getnames()) == ["toy_diffusion.json", "toy_diffusion.md",
@@ -93,3 +99,29 @@ def test_skip_leaves_steps_out_of_the_report(tmp_path, monkeypatch):
     assert gc.main(["--out", str(tmp_path), "--skip", "a"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert [s["name"] for s in report["steps"]] == ["b"]
+
+
+def test_collect_brings_the_sweep_first_and_never_more_than_eight_files(tmp_path, capsys):
+    import tarfile
+
+    out = tmp_path / "run"
+    for rel in ("report.json", "report.md", "toy_curves_world2.json", "sweep2/toy_sweep.json",
+                "sweep2/02_rein/rein_seed0.safetensors",
+                "sweep2/07_mfuser/mfuser_seed0.safetensors",
+                "invariant/toy_vfm_invariant.safetensors", "invariant/toy_vfm_invariant.json",
+                *(f"world2/{m}.safetensors" for m in gc.COLLECT_MODELS),
+                "world2/gates.json", "world2/toyworld2_gates.json"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(rel)
+    copied = gc.collect(out, tmp_path / "home")
+    assert [p.name for p in copied] == [
+        "report.json", "report.md", "toy_curves_world2.json", "toy_sweep_world2.json",
+        "sweep2_checkpoints.tar", "toy_vfm_invariant.tar", "toy_vfm.tar", "toy_vlm.tar"]
+    left = capsys.readouterr().out
+    assert "toy_diffusion.tar" in left and "world2_gates.json" in left
+    with tarfile.open(tmp_path / "home" / "sweep2_checkpoints.tar") as tar:
+        assert sorted(tar.getnames()) == ["02_rein/rein_seed0.safetensors",
+                                          "07_mfuser/mfuser_seed0.safetensors"]
+    with tarfile.open(tmp_path / "home" / "toy_vfm_invariant.tar") as tar:
+        assert sorted(tar.getnames()) == ["toy_vfm_invariant.json",
+                                          "toy_vfm_invariant.safetensors"]
