@@ -404,3 +404,20 @@ def test_per_class_difference_pairs_seeds_class_by_class_over_the_domains_presen
     del runs["tqdm/seed0"]["class_iou"]
     with pytest.raises(ValueError, match="no per-class IoU"):
         per_class_difference({"runs": runs}, "tqdm", "tqdm_learnable")
+
+
+def test_a_failed_run_is_named_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    real = toy_sweep._timed_run
+
+    def flaky(method, *args):
+        if method == "rein":
+            raise FileNotFoundError("toy_vfm_invariant.safetensors is not in lessons/weights")
+        return real(method, *args)
+
+    monkeypatch.setattr(toy_sweep, "_timed_run", flaky)
+    args = ["--methods", "rein", "frozen", "--seeds", "0", "--steps", "1", "--test-length", "1",
+            "--out", str(tmp_path), "--checkpoint-seeds"]
+    assert toy_sweep.main(args) == 1
+    out = capsys.readouterr().out
+    assert "rein/seed0: failed: FileNotFoundError" in out and "1 run(s) failed" in out
+    assert set(load_results(tmp_path / RESULTS_FILE.name)["runs"]) == {"frozen/seed0"}

@@ -139,11 +139,24 @@ def _sweep(args: argparse.Namespace) -> int:
             keep = seed in args.checkpoint_seeds and METHODS[method].keep_checkpoint
             ckpt = checkpoint_path(method, seed, args.out) if keep else None
             todo.append((key, (method, seed, args.steps, args.test_length, ckpt)))
+    failed = []
+
+    def keep(key: str, outcome) -> None:
+        """Record a finished run; a run that raised is named and the sweep goes on (e.g. a
+        precondition run whose toy model is not in lessons/weights yet)."""
+        nonlocal results
+        try:
+            rec, seconds = outcome()
+        except Exception as e:              # one failed run must not lose the others
+            failed.append(key)
+            print(f"{key}: failed: {type(e).__name__}: {e}", flush=True)
+            return
+        results = add_result(key, rec, results_file)
+        _report(key, rec, seconds)
+
     if args.jobs == 1:
         for key, run in todo:
-            rec, seconds = _timed_run(*run)
-            results = add_result(key, rec, results_file)
-            _report(key, rec, seconds)
+            keep(key, lambda run=run: _timed_run(*run))
     else:
         threads = max(torch.get_num_threads() // args.jobs, 1)
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -151,11 +164,12 @@ def _sweep(args: argparse.Namespace) -> int:
                                  initargs=(threads, tw.current_world())) as pool:
             futures = {pool.submit(_timed_run, *run): key for key, run in todo}
             for future in as_completed(futures):       # each result kept as soon as it is done
-                rec, seconds = future.result()
-                results = add_result(futures[future], rec, results_file)
-                _report(futures[future], rec, seconds)
-    print(markdown_table(results, args.methods))
-    return 0
+                keep(futures[future], future.result)
+    shown = [m for m in args.methods if any(r["method"] == m for r in results["runs"].values())]
+    print(markdown_table(results, shown))
+    if failed:
+        print(f"{len(failed)} run(s) failed: {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
