@@ -34,7 +34,19 @@ from lessons.text import CATSEG_TEMPLATE, encode_text
 __all__ = [
     "CropZeroShot",
     "MaskCLIPSegmenter",
+    "class_text",
 ]
+
+
+def class_text(encoder: Encoder, class_names: Sequence[str], template: str = CATSEG_TEMPLATE,
+               scale: float | None = None) -> tuple[torch.Tensor, float]:
+    """Unit text embeddings (K, D) of the class prompts and the score scale (default: CLIP's
+    own logit scale, 100 where the model has none)."""
+    text = encode_text(encoder.model, [template.format(name) for name in class_names])
+    if scale is None:
+        logit_scale = getattr(encoder.model, "logit_scale", None)
+        scale = float(logit_scale.exp()) if logit_scale is not None else 100.0
+    return text, scale
 
 
 class MaskCLIPSegmenter(nn.Module):
@@ -52,12 +64,8 @@ class MaskCLIPSegmenter(nn.Module):
         if encoder.bundle.kind != "vlm":
             raise ValueError(f"{encoder.bundle.name} has no text tower: MaskCLIP needs a CLIP")
         self.encoder = encoder.freeze().eval()
-        prompts = [template.format(name) for name in class_names]
-        self.register_buffer("text", encode_text(encoder.model, prompts), persistent=False)
-        if scale is None:
-            scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model,
-                                                                       "logit_scale") else 100.0
-        self.scale = scale
+        text, self.scale = class_text(encoder, class_names, template, scale)
+        self.register_buffer("text", text, persistent=False)                  # (K, D)
 
     @torch.no_grad()
     def dense(self, images: torch.Tensor) -> torch.Tensor:
@@ -95,12 +103,8 @@ class CropZeroShot(nn.Module):
         self.encoder = encoder.freeze().eval()
         self.crop, self.stride, self.batch_size = tuple(crop), tuple(stride), batch_size
         self.input_size = tuple(input_size or encoder.bundle.img_size)
-        prompts = [template.format(name) for name in class_names]
-        self.register_buffer("text", encode_text(encoder.model, prompts), persistent=False)
-        if scale is None:
-            scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model,
-                                                                       "logit_scale") else 100.0
-        self.scale = scale
+        text, self.scale = class_text(encoder, class_names, template, scale)
+        self.register_buffer("text", text, persistent=False)                  # (K, D)
 
     def boxes(self, H: int, W: int) -> list[tuple[int, int]]:
         """(top, left) of every crop of an H x W image."""
