@@ -209,6 +209,18 @@ def test_the_sweep_bench_measures_a_method_and_names_a_bad_one(tmp_path, capsys)
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
+def test_the_sweep_bench_times_a_compiled_step_beside_the_eager_one(capsys, monkeypatch):
+    """The bookkeeping of ``--compile`` (the compilation itself, a minute or more of inductor on
+    a CPU, is left out: ``nn.Module.compile`` is a no-op here)."""
+    from reprod.toy import bench_sweep
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    assert bench_sweep.main(["--methods", "scratch", "--repeats", "1", "--compile"]) == 0
+    text = capsys.readouterr().out
+    assert len(compiled) == 1 and "scratch: compiled step" in text and "of compilation" in text
+
+
 # ----------------------------------------------------------------------------------------------
 # reprod.toy.curves: the budget chosen from learning curves, by a rule written down first
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ per image, fp32, render the validation set at every validation) beside **cached 
 native), and the ratio of the two, measured in the same run. ``--check N`` also times a real
 ``run_one`` of N steps (validation every N/5, 40 test scenes per domain) against the projection
 for that size, so a reader can see how far the sum of the pieces is from the whole.
+``--compile`` also times the step of a ``torch.compile``-d copy of the model (``nn.Module.compile``,
+inductor; bf16 autocast where native): its compilation (the first three steps) and its step.
 
 Threads: one by default, as ``python -m reprod.toy.sweep --jobs 2`` runs each job on one.
 """
@@ -79,9 +81,11 @@ def _render_seconds(dataset: tw.ToyWorld, n: int, offset: int = 0) -> float:
     return (time.perf_counter() - start) / n
 
 
-def measure(method: str, repeats: int = 5, world: str | None = None) -> Costs:
+def measure(method: str, repeats: int = 5, world: str | None = None,
+            compiled: bool = False) -> Costs:
     """Seconds of each piece of one ``run_one`` of ``method`` (module docstring), per batch of 16
-    for training pieces and per scene for evaluation pieces; scenes from ``world``."""
+    for training pieces and per scene for evaluation pieces; scenes from ``world``; with
+    ``compiled``, also the compiled model's compilation and step."""
     seed_everything(0)
     cfg = train_config(method, 0)
     spec = METHODS[method]
@@ -121,7 +125,28 @@ def measure(method: str, repeats: int = 5, world: str | None = None) -> Costs:
         tw.ToyWorld(tw.SOURCE_DOMAIN, "test", length=200, seed=0, world=world)]
     c["render, evaluation"] = float(np.mean([
         _render_seconds(sets[d] if isinstance(d, str) else d, 2 * repeats) for d in evaluated]))
+    if compiled:
+        c |= _compiled_step(method, images, labels, repeats, torch.bfloat16 if native else None)
     return c
+
+
+def _compiled_step(method: str, images: torch.Tensor, labels: torch.Tensor, repeats: int,
+                   dtype: torch.dtype | None) -> dict[str, float]:
+    """The compilation (three steps) and step of a fresh, compiled copy of ``method``'s model."""
+    spec, cfg = METHODS[method], train_config(method, 0)
+    seed_everything(0)
+    model = build_model(spec.builder, spec.builder_kwargs)
+    opt = make_optimizer(model, cfg)
+    model.compile()
+
+    def step():
+        return train_step(model, images, labels, opt, cfg.grad_clip, autocast_dtype=dtype)
+
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    return {"compile seconds": time.perf_counter() - start,
+            "step compiled": _median_seconds(step, repeats)}
 
 
 def project(c: Costs, steps: int = SWEEP_TRAIN["steps"],
@@ -181,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", type=int, default=0, metavar="STEPS",
                     help="also time a real run_one of STEPS steps against its projection")
     ap.add_argument("--json", type=Path, default=None, help="write the measurements here")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the step of a torch.compile-d model (and its compilation)")
     args = ap.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -194,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, runs, checks = [], {}, {}
     for m in args.methods:
         with tw.in_world(args.world):            # its toy models and its loop, too
-            rows.append(measure(m, args.repeats, args.world))
+            rows.append(measure(m, args.repeats, args.world, args.compile))
         runs[m] = project(rows[-1])
         if args.check:
             checks[m] = _check(m, args.check, rows[-1], args.world)
@@ -203,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     for m, r in runs.items():
         print(f"{m}: the training steps are {100 * r['training step share today']:.0f}% of "
               "today's run")
+    for c in rows:
+        if "step compiled" in c:
+            eager = c["step bf16"] if c["step bf16"] is not None else c["step fp32"]
+            print(f"{c['method']}: compiled step {1000 * c['step compiled']:.0f} ms against "
+                  f"{1000 * eager:.0f} ms eager ({eager / c['step compiled']:.2f}x), after "
+                  f"{c['compile seconds']:.0f} s of compilation")
     for m, c in checks.items():
         print(f"{m}: run_one of {args.check} steps ({c['loop']}) took "
               f"{c['run_one seconds']:.1f} s; the pieces project {c['projected']:.1f} s")
