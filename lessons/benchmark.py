@@ -94,8 +94,10 @@ class Method:
 SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedule="poly",
                    eval_every=100, select_best=True)
 # World 2's: the same knobs in the faster loop (module docstring); the augmentation is the
-# method's (``Method.augment``) and bf16 autocast is set where native (``train_config``)
-SWEEP_TRAIN_2 = dict(SWEEP_TRAIN)
+# method's (``Method.augment``) and bf16 autocast is set where native (``train_config``). Its
+# budget is what world 2's learning curves chose (``python -m reprod.toy.curves --choose`` on
+# docs/results/toy_curves_world2.json; the rule in reprod.toy.curves, written before they ran)
+SWEEP_TRAIN_2 = dict(SWEEP_TRAIN, steps=1500)
 # A lesson's precondition experiment (world 2 only) shows a mechanism on and off at fewer seeds
 PRECONDITION_SEEDS = (0, 1, 2)
 # Knobs that say how a run was computed, not what was trained: a result made with another

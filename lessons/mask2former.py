@@ -71,6 +71,7 @@ from lessons.checkpoints import trainable_state_dict
 from lessons.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from lessons.rein import Reins
 from lessons.segmentor import optimizer_groups
+from lessons.train import NonFiniteLoss
 
 __all__ = [
     "MFUSER_M2F",
@@ -628,7 +629,11 @@ class HungarianMatcher:
                 empty = torch.empty(0, dtype=torch.long, device=cls.device)
                 out.append((empty, empty))
                 continue
-            rows, cols = linear_sum_assignment(self.cost(cls, masks, t).cpu().numpy())
+            cost = self.cost(cls, masks, t)                                     # (Q, T)
+            if not torch.isfinite(cost).all():
+                raise NonFiniteLoss(float("nan"), {"matching cost": "not finite: the predictions "
+                                                   "hold NaN or inf (the training diverged)"})
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
             out.append((torch.as_tensor(rows, device=cls.device),
                         torch.as_tensor(cols, device=cls.device)))
         return out

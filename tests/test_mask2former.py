@@ -217,6 +217,16 @@ def test_hungarian_is_optimal(seed):
     assert math.isclose(cost[rows, cols].sum().item(), brute_force(cost), rel_tol=1e-6)
 
 
+def test_hungarian_names_predictions_that_diverged():
+    from lessons.train import NonFiniteLoss
+
+    targets = semantic_targets(torch.tensor([[[1, 1, 0, 0]]]), 2)
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="the training diverged"):
+        HungarianMatcher(num_points=None)(Prediction(torch.zeros(1, 2, 3), logits), targets)
+
+
 def test_hungarian_costs_by_hand():
     t = semantic_targets(torch.tensor([[[1, 1, 0, 0]]]), 2)[0]          # classes [0, 1]
     logits = torch.tensor([[[10.0, 10.0, -10.0, -10.0]],                 # query 0: class 1's mask

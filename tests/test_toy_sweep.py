@@ -241,9 +241,10 @@ def test_the_budget_is_the_first_grid_step_where_most_methods_have_converged():
         choose_budget({})
 
 
-def test_the_curves_command_records_a_curve_resumes_and_chooses(tmp_path, capsys):
+def test_the_curves_command_records_a_curve_resumes_and_chooses(tmp_path, capsys, monkeypatch):
     from reprod.toy import curves
 
+    monkeypatch.setattr(curves, "MAIN_METHODS", ("scratch",))
     out = tmp_path / "curves.json"
     args = ["--methods", "scratch", "--steps", "4", "--every", "2", "--out", str(out)]
     assert curves.main(args) == 0
@@ -254,6 +255,9 @@ def test_the_curves_command_records_a_curve_resumes_and_chooses(tmp_path, capsys
     assert curves.main(args) == 0 and capsys.readouterr().out == ""      # resumed: nothing to do
     assert curves.main(["--out", str(out), "--choose"]) == 0
     assert "budget: 250 steps" in capsys.readouterr().out
+    monkeypatch.setattr(curves, "MAIN_METHODS", ("scratch", "rein"))    # rein has no curve
+    assert curves.main(["--out", str(out), "--choose"]) == 1
+    assert "no curve of ['rein']" in capsys.readouterr().out
 
 
 def test_world_2_runs_every_compared_method_and_control_at_five_seeds():
@@ -433,3 +437,41 @@ def test_a_failed_run_is_named_and_the_sweep_goes_on(tmp_path, capsys, monkeypat
     out = capsys.readouterr().out
     assert "rein/seed0: failed: FileNotFoundError" in out and "1 run(s) failed" in out
     assert set(load_results(tmp_path / RESULTS_FILE.name)["runs"]) == {"frozen/seed0"}
+
+
+def test_world_2s_budget_is_what_its_committed_curves_chose():
+    """The rule of reprod.toy.curves on the committed curves gives SWEEP_TRAIN_2's steps, and
+    the main method without a curve (QueryDiff's run diverged) cannot change it; the docs say
+    each method's step of convergence as the curves have it."""
+    from pathlib import Path
+
+    from lessons.benchmark import SWEEP_TRAIN_2
+    from reprod.toy import curves
+
+    runs = json.loads(curves.CURVES_FILE.read_text())["runs"]
+    assert set(runs) <= set(curves.MAIN_METHODS)
+    assert all(r["train_config"]["steps"] == curves.LONG for r in runs.values())
+    got = {m: r["val_curve"] for m, r in runs.items()}
+    assert curves.budget_bounds(got) == (SWEEP_TRAIN_2["steps"],) * 2 == (1500, 1500)
+    assert curves.choose_budget(got)["budget"] == SWEEP_TRAIN_2["steps"]
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "toyworld.md")
+                   .read_text().split())
+    assert f"The curves chose {SWEEP_TRAIN_2['steps']:,} steps" in doc
+    at = {m: curves.converged_at(c) for m, c in got.items()}
+    assert (at["tqdm"], at["mfuser"], at["full"], at["rein_m2f"], at["rein"], at["catseg"],
+            at["frozen"]) == (1000, 1000, 1100, 1400, 1500, 1500, 1600)
+    assert ("1,000 (tqdm, MFuser), 1,100 (full fine-tuning), 1,400 (Rein + Mask2Former), 1,500 "
+            "(Rein, CAT-Seg) and 1,600 (frozen)") in doc
+    assert sorted(set(curves.MAIN_METHODS) - set(runs)) == ["querydiff"]
+    assert "QueryDiff's curve has none" in doc
+
+
+def test_budget_bounds_count_a_missing_curve_both_ways():
+    from reprod.toy.curves import budget_bounds
+
+    steps = [100, 200]
+    fast, slow = ({"steps": steps, "miou": m} for m in ([0.5, 0.5], [0.1, 0.5]))
+    grid = (100, 200)
+    assert budget_bounds({"a": fast, "b": fast}, ("a", "b", "c"), grid, 0.6) == (100, 100)
+    assert budget_bounds({"a": fast, "b": slow}, ("a", "b", "c"), grid, 0.6) == (100, 200)
+    assert budget_bounds({"a": slow}, ("a", "b", "c"), grid, 1.0) == (200, None)

@@ -40,7 +40,7 @@ from lessons.benchmark import METHODS, run_one
 from reprod.toy.sweep import add_result, start_job
 
 __all__ = ["CURVES_FILE", "EVERY", "GRID", "LONG", "MAIN_METHODS", "QUORUM", "TOLERANCE",
-           "choose_budget", "converged_at", "main"]
+           "budget_bounds", "choose_budget", "converged_at", "main"]
 
 CURVES_FILE = Path(__file__).resolve().parents[2] / "docs" / "results" / "toy_curves_world2.json"
 # notebook 08's six main methods (the papers' ranking is compared on them) and the two
@@ -76,6 +76,23 @@ def choose_budget(curves: dict[str, dict], grid: tuple[int, ...] = GRID,
                      f"steps: {at}; a longer run is needed")
 
 
+def budget_bounds(curves: dict[str, dict], methods: tuple[str, ...] = MAIN_METHODS,
+                  grid: tuple[int, ...] = GRID, quorum: float = QUORUM,
+                  tolerance: float = TOLERANCE) -> tuple[int | None, int | None]:
+    """The budget the rule gives over ``methods`` when some have no curve (a run that failed):
+    (earliest, latest), with every missing method counted as converged at once, then as never
+    converged; ``None`` where no grid step reaches the quorum. Equal bounds: the missing curves
+    cannot change the budget."""
+    at = [converged_at(curves[m], tolerance) for m in methods if m in curves]
+    missing = sum(m not in curves for m in methods)
+
+    def first(extra: int) -> int | None:
+        return next((g for g in grid
+                     if (sum(s <= g for s in at) + extra) / len(methods) >= quorum), None)
+
+    return first(missing), first(0)
+
+
 def _curve_run(method: str, steps: int, every: int) -> dict:
     start = time.perf_counter()
     rec = run_one(method, 0, steps=steps, test_length=40,
@@ -105,11 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps, --every and --jobs must be >= 1")
     done = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
     if args.choose:
-        chosen = choose_budget({m: r["val_curve"] for m, r in done.items()})
+        curves = {m: r["val_curve"] for m, r in done.items()}
+        missing = [m for m in MAIN_METHODS if m not in curves]
+        if missing:
+            low, high = budget_bounds(curves, MAIN_METHODS)
+            print(f"no curve of {missing}: the rule over the {len(MAIN_METHODS)} main methods "
+                  f"gives {low} steps if they converge at once, {high} if never")
+            if low != high or high is None:
+                return 1
+        chosen = choose_budget(curves)
         for m, s in chosen["converged_at"].items():
             print(f"{m}: within {TOLERANCE} point of its best by step {s}")
-        print(f"budget: {chosen['budget']} steps ({chosen['share']:.0%} of the methods "
-              f"converged by then; the rule needs {QUORUM:.0%})")
+        print(f"budget: {chosen['budget']} steps ({chosen['share']:.0%} of the methods with a "
+              f"curve converged by then; the rule needs {QUORUM:.0%})")
         return 0
     todo = [m for m in args.methods if m not in done
             or done[m]["train_config"]["steps"] != args.steps]
