@@ -37,9 +37,11 @@ WORLD1 = WEIGHTS / "world1"     # world 1's toy models, kept while lesson checkp
 
 def _is_weights(p: Path) -> bool:
     """Toy foundation models (weights/, weights/world1/) and lesson checkpoints
-    (weights/checkpoints/<lesson>/)."""
+    (weights/checkpoints/<lesson>/ for world 1, weights/checkpoints/world2/<lesson>/)."""
+    checkpoints = WEIGHTS / "checkpoints"
     return p.suffix == ".safetensors" and (p.parent in (WEIGHTS, WORLD1)
-                                           or p.parent.parent == WEIGHTS / "checkpoints")
+                                           or p.parent.parent in (checkpoints,
+                                                                  checkpoints / "world2"))
 
 
 def _world(p: Path) -> str:
