@@ -592,7 +592,10 @@ class AgentRefinement(nn.Module):
         pos = sine_position_encoding(h, w, D, x.device).to(x.dtype)[None]        # (1, hw, D)
         t = x.flatten(2).transpose(1, 2)                                         # (B, hw, D)
         a = self.norm(self.attn(t + pos, agents, agents, need_weights=False)[0])
+        # contiguous: PyTorch 2.14's CPU bf16 kernel for a dilated depthwise convolution returns
+        # wrong input gradients (up to inf) for a channels-last map, as the pixel decoder's are
         y = torch.cat([a.transpose(1, 2).reshape(B, D, h, w), x], dim=1)         # (B, 2D, h, w)
+        y = y.contiguous()
         return self.fuse[i](torch.cat([b(y) for b in self.branches[i]], dim=1))  # (B, D, h, w)
 
     def forward(self, maps: Sequence[torch.Tensor], agents: torch.Tensor) -> list[torch.Tensor]:

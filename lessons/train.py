@@ -245,7 +245,11 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     - ``autocast_dtype``: run the forward under ``torch.autocast`` in that dtype (bfloat16, or
       float16 with a ``scaler``); weights and optimiser stay in their own dtype. On a CPU in
       bfloat16, attention takes PyTorch's math path: its CPU flash kernel's bfloat16 backward
-      costs more than the float32 step saves (``CPU_BF16_ATTENTION``);
+      costs more than the float32 step saves (``CPU_BF16_ATTENTION``). Check a model before
+      training it in bf16 on a CPU: PyTorch 2.14's CPU bf16 convolutions get a kernel = stride
+      >= 4 convolution of few (< 32) input channels wrong, as in the input gradient of CAT-Seg's
+      4x transposed convolution, and dilated depthwise ones of a channels-last map
+      (``reprod.toy.bf16_check``);
     - ``scaler``: a ``torch.amp.GradScaler``: the loss is scaled for the backward, the gradients
       unscaled before clipping, and the step goes through the scaler (skipped on inf/NaN);
     - ``forward``: ``(images, labels) -> losses`` instead of :func:`compute_losses` on

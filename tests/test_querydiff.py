@@ -260,6 +260,36 @@ def test_refinement_keeps_every_map_shape():
         ref(maps[:2], agents)
 
 
+def test_refinement_gradients_under_bf16_autocast_match_float32():
+    """Under CPU bfloat16 autocast the refinement's gradients, to its parameters and to the maps
+    it refines, agree with float32's. (PyTorch 2.14's CPU kernel for a dilated depthwise
+    convolution of a channels-last bf16 input returns a wrong input gradient, up to inf: world
+    2's QueryDiff diverged in a few steps. The refinement feeds those convolutions a contiguous
+    map.)"""
+    torch.manual_seed(0)
+    ref = qd.AgentRefinement(dim=64, heads=4, gn_groups=8)
+    maps = [torch.randn(4, 64, 16, 32), torch.randn(4, 64, 2, 4), torch.randn(4, 64, 4, 8),
+            torch.randn(4, 64, 8, 16)]
+    # the pixel decoder's finest map arrives channels-last (tokens reshaped to a map)
+    maps[0] = maps[0].contiguous(memory_format=torch.channels_last).requires_grad_()
+    agents = torch.randn(4, 5, 64, requires_grad=True)
+    weights = [torch.randn(m.shape) for m in maps]
+
+    def grads(bf16: bool) -> dict[str, torch.Tensor]:
+        ref.zero_grad()
+        maps[0].grad = agents.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = ref(maps, agents)
+        sum((o.float() * w).sum() for o, w in zip(out, weights, strict=True)).backward()
+        return {"map 0": maps[0].grad, "agents": agents.grad,
+                **{n: p.grad.clone() for n, p in ref.named_parameters()}}
+
+    exact, bf16 = grads(False), grads(True)
+    for name, g in exact.items():
+        err = (bf16[name] - g).norm() / g.norm()
+        assert err < 0.2, f"{name}: the bf16 gradient is off by {float(err):.2f} of its norm"
+
+
 # -- the segmentor -------------------------------------------------------------------------------
 
 

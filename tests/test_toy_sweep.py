@@ -63,16 +63,22 @@ def test_world_2_runs_the_faster_loop_and_records_its_validation_curve(monkeypat
     with tw.in_world("2.0"):
         cfg = train_config("scratch", 0, steps=4, overrides={"eval_every": 2})
         assert cfg.augment and cfg.steps == 4 and cfg.eval_every == 2
-        assert cfg.autocast == ("bf16" if benchmark.bf16_native(benchmark.get_device()) else None)
+        device = benchmark.get_device()
+        assert cfg.autocast == ("bf16" if device.type == "cuda" and benchmark.bf16_native(device)
+                                else None)                          # never bf16 on a CPU
         rec = run_one("scratch", 0, steps=4, test_length=2, overrides={"eval_every": 2})
     assert [ds.split for ds in rendered] == ["train", "val"]        # rendered once, not per step
     assert rec["val_curve"]["steps"] == [2, 4] and len(rec["val_curve"]["miou"]) == 2
     assert rec["val_miou"] == pytest.approx(max(rec["val_curve"]["miou"]), abs=1e-4)
     assert rec["toyworld_version"] == "2.0" and rec["train_config"]["augment"]
-    # a result made with or without bf16 (another machine) is the same run; another budget is not
+    # a result made with or without bf16 on a GPU is the same run; under bf16 on a CPU it is not
+    # (wrong kernels); another budget is not either
     with tw.in_world("2.0"):
-        other = {**rec, "train_config": {**rec["train_config"], "autocast": "bf16"}}
+        other = {**rec, "train_config": {**rec["train_config"], "autocast": "bf16"},
+                 "hardware": "NVIDIA H100 80GB HBM3 (CUDA 13.0)"}
         assert is_done(other, cfg, 2, True)
+        assert not is_done({**other, "hardware": "CPU (Intel(R) Xeon(R), 2 cores, 1 threads)"},
+                           cfg, 2, True)
         assert not is_done(rec, train_config("scratch", 0, steps=5), 2, True)
 
 
