@@ -67,9 +67,9 @@ from lessons.utils import (
 __all__ = [
     "CLAIMS", "METHODS", "PAPER_ROWS", "PRECONDITION_SEEDS", "RESULTS_FILE", "RUNTIME_KEYS",
     "SWEEP_TRAIN", "SWEEP_TRAIN_2", "Claim", "Method", "checkpoint_path", "claims_table",
-    "is_done", "load_results", "markdown_table", "paired_difference", "paper_mean",
+    "cpu_bf16", "is_done", "load_results", "markdown_table", "paired_difference", "paper_mean",
     "per_class_difference", "per_seed", "rank_agreement", "run_key", "run_one", "seeds_of",
-    "summary", "sweep_dir", "sweep_train", "train_config",
+    "summary", "sweep_dir", "sweep_train", "t_interval", "train_config",
 ]
 
 RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"     # world 1's sweep (``sweep_dir("1.0")``)
@@ -97,9 +97,10 @@ class Method:
 SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedule="poly",
                    eval_every=100, select_best=True)
 # World 2's: the same knobs in the faster loop (module docstring); the augmentation is the
-# method's (``Method.augment``) and bf16 autocast is set where native (``train_config``). Its
+# method's (``Method.augment``) and bf16 autocast is set on a CUDA GPU (``train_config``). Its
 # budget is what world 2's learning curves chose (``python -m reprod.toy.curves --choose`` on
-# docs/results/toy_curves_world2.json; the rule in reprod.toy.curves, written before they ran)
+# docs/results/toy_curves_world2.json; the rule in reprod.toy.curves, written before they ran),
+# provisionally: 2,000 if neither CAT-Seg nor QueryDiff converges by 1,500 in float32
 SWEEP_TRAIN_2 = dict(SWEEP_TRAIN, steps=1500)
 # A lesson's precondition experiment (world 2 only) shows a mechanism on and off at fewer seeds
 PRECONDITION_SEEDS = (0, 1, 2)
@@ -486,21 +487,33 @@ def per_seed(results: dict, method: str, domain: str = "targets' mean") -> dict[
     return out
 
 
+def t_interval(differences: np.ndarray, confidence: float = 0.95) -> dict:
+    """Per-seed differences (n,) -> their mean, sample standard deviation (ddof = 1), the
+    ``confidence`` Student t interval of the mean, and ``resolved``: the interval excludes zero."""
+    d = np.asarray(differences, dtype=float)
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+    mean = float(d.mean())
+    return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half,
+            "resolved": mean - half > 0 or mean + half < 0}
+
+
+def _shared_seeds(ra: dict, rb: dict, a: str, b: str) -> list[int]:
+    seeds = sorted(set(ra) & set(rb))
+    if len(seeds) < 2:
+        raise ValueError(f"{a} and {b} share {len(seeds)} seed(s); a paired interval needs 2+")
+    return seeds
+
+
 def paired_difference(results: dict, a: str, b: str, domain: str = "targets' mean",
                       confidence: float = 0.95) -> dict:
     """Method ``a`` minus method ``b`` seed by seed (mIoU points): the mean of the per-seed
     differences, its sample standard deviation, a ``confidence`` t interval, and ``resolved``
     (the interval excludes zero). Only seeds both methods ran count."""
     ra, rb = per_seed(results, a, domain), per_seed(results, b, domain)
-    seeds = sorted(set(ra) & set(rb))
-    if len(seeds) < 2:
-        raise ValueError(f"{a} and {b} share {len(seeds)} seed(s); a paired interval needs 2+")
-    d = np.array([ra[s] - rb[s] for s in seeds])
-    sd = float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sd / math.sqrt(len(d))
-    low, high = float(d.mean()) - half, float(d.mean()) + half
-    return {"a": a, "b": b, "domain": domain, "seeds": seeds, "mean": float(d.mean()),
-            "sd": sd, "low": low, "high": high, "resolved": low > 0 or high < 0}
+    seeds = _shared_seeds(ra, rb, a, b)
+    interval = t_interval([ra[s] - rb[s] for s in seeds], confidence)
+    return {"a": a, "b": b, "domain": domain, "seeds": seeds, **interval}
 
 
 def per_class_difference(results: dict, a: str, b: str,
@@ -529,21 +542,10 @@ def per_class_difference(results: dict, a: str, b: str,
         return out
 
     ra, rb = per_seed_class(a), per_seed_class(b)
-    seeds = sorted(set(ra) & set(rb))
-    if len(seeds) < 2:
-        raise ValueError(f"{a} and {b} share {len(seeds)} seed(s); a paired interval needs 2+")
+    seeds = _shared_seeds(ra, rb, a, b)
     diffs = np.stack([ra[s] - rb[s] for s in seeds])                      # (seeds, K)
-    t = float(stats.t.ppf(0.5 + confidence / 2, len(seeds) - 1))
-    out = {}
-    for k, name in enumerate(CLASSES):
-        d = diffs[:, k]
-        if np.isnan(d).any():
-            continue
-        half = t * float(d.std(ddof=1)) / math.sqrt(len(d))
-        low, high = float(d.mean()) - half, float(d.mean()) + half
-        out[name] = {"mean": float(d.mean()), "low": low, "high": high, "seeds": seeds,
-                     "resolved": low > 0 or high < 0}
-    return out
+    return {name: {**t_interval(diffs[:, k], confidence), "seeds": seeds}
+            for k, name in enumerate(CLASSES) if not np.isnan(diffs[:, k]).any()}
 
 
 def summary(results: dict, methods: list[str] | None = None) -> dict[str, dict]:

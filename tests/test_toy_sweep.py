@@ -122,6 +122,15 @@ def _paired_runs(diffs: list[float]) -> dict:
     return {"runs": runs}
 
 
+def test_t_interval_by_hand():
+    from lessons.benchmark import t_interval
+
+    r = t_interval([1.0, 2.0, 3.0])                 # mean 2, sd 1, t(0.975, 2 dof) = 4.3027
+    assert r["mean"] == 2.0 and r["sd"] == 1.0
+    assert r["low"] == pytest.approx(2 - 4.302653 / 3 ** 0.5, abs=1e-5) and not r["resolved"]
+    assert t_interval([1.0, 1.2, 0.9, 1.1])["resolved"]
+
+
 def test_paired_difference_is_a_t_interval_over_seeds():
     # differences 1, 2, 3, 4, 5 points: mean 3, sd 1.58, t(0.975, 4) = 2.776 -> 3 +- 1.96
     p = paired_difference(_paired_runs([1, 2, 3, 4, 5]), "rein", "frozen")
@@ -446,30 +455,34 @@ def test_a_failed_run_is_named_and_the_sweep_goes_on(tmp_path, capsys, monkeypat
 
 
 def test_world_2s_budget_is_what_its_committed_curves_chose():
-    """The rule of reprod.toy.curves on the committed curves gives SWEEP_TRAIN_2's steps, and
-    the main method without a curve (QueryDiff's run diverged) cannot change it; the docs say
-    each method's step of convergence as the curves have it."""
+    """The rule of reprod.toy.curves on the committed curves: SWEEP_TRAIN_2's steps if one of
+    the two main methods without a valid curve (CAT-Seg's was trained on a wrong CPU bf16
+    gradient and is withdrawn; QueryDiff's diverged on one) converges by then, 2,000 if neither
+    does; the docs say each method's step of convergence as the curves have it, and why two
+    are missing."""
     from pathlib import Path
 
     from lessons.benchmark import SWEEP_TRAIN_2
     from reprod.toy import curves
 
-    runs = json.loads(curves.CURVES_FILE.read_text())["runs"]
+    committed = json.loads(curves.CURVES_FILE.read_text())
+    runs = committed["runs"]
     assert set(runs) <= set(curves.MAIN_METHODS)
     assert all(r["train_config"]["steps"] == curves.LONG for r in runs.values())
     got = {m: r["val_curve"] for m, r in runs.items()}
-    assert curves.budget_bounds(got) == (SWEEP_TRAIN_2["steps"],) * 2 == (1500, 1500)
-    assert curves.choose_budget(got)["budget"] == SWEEP_TRAIN_2["steps"]
+    assert curves.budget_bounds(got) == (SWEEP_TRAIN_2["steps"], 2000) == (1500, 2000)
+    assert curves.choose_budget(got)["budget"] == 1500      # five of the six with a curve
     doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "toyworld.md")
                    .read_text().split())
     assert f"The curves chose {SWEEP_TRAIN_2['steps']:,} steps" in doc
     at = {m: curves.converged_at(c) for m, c in got.items()}
-    assert (at["tqdm"], at["mfuser"], at["full"], at["rein_m2f"], at["rein"], at["catseg"],
-            at["frozen"]) == (1000, 1000, 1100, 1400, 1500, 1500, 1600)
+    assert (at["tqdm"], at["mfuser"], at["full"], at["rein_m2f"], at["rein"], at["frozen"]
+            ) == (1000, 1000, 1100, 1400, 1500, 1600)
     assert ("1,000 (tqdm, MFuser), 1,100 (full fine-tuning), 1,400 (Rein + Mask2Former), 1,500 "
-            "(Rein, CAT-Seg) and 1,600 (frozen)") in doc
-    assert sorted(set(curves.MAIN_METHODS) - set(runs)) == ["querydiff"]
-    assert "QueryDiff's curve has none" in doc
+            "(Rein) and 1,600 (frozen)") in doc
+    if "catseg" not in runs:                             # until its float32 curve is committed
+        assert sorted(set(curves.MAIN_METHODS) - set(runs)) == ["catseg", "querydiff"]
+        assert set(committed["withdrawn"]) == {"catseg"} and "CAT-Seg's curve" in doc
 
 
 def test_budget_bounds_count_a_missing_curve_both_ways():
