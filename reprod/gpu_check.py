@@ -107,8 +107,12 @@ STEPS: tuple[Step, ...] = (
          "--chunk-minutes 2 --out {out}/world2 --describe \"the committed recipe, on a GPU in "
          "bf16\"", 450,
          "timm, open_clip, diffusers, safetensors (carried wheels)", limit_s=570),
-    Step("curves", "cp -n docs/results/toy_curves_world2.json {out}/ 2>/dev/null; "
-         "{py} -m reprod.toy.curves --jobs 8 --out {out}/toy_curves_world2.json", 300,
+    Step("bf16", "{py} -m reprod.toy.bf16_check --device cuda --json {out}/bf16_check.json "
+         "&& touch {out}/bf16_ok", 90, "world 2's three toy models in lessons/weights (the "
+         "curves and the sweep train in bf16 on CUDA: they run only if it passes)", limit_s=300),
+    Step("curves", "test -f {out}/bf16_ok && (cp -n docs/results/toy_curves_world2.json {out}/ "
+         "2>/dev/null; {py} -m reprod.toy.curves --jobs 8 --out {out}/toy_curves_world2.json)",
+         300,
          "world 2's three toy models in lessons/weights", limit_s=540),
     Step("invariant", "test -f lessons/weights/toy_vfm_invariant.safetensors || "
          "({py} -m reprod.toy.pretrain vfm_invariant --device cuda --until-done "
@@ -116,10 +120,11 @@ STEPS: tuple[Step, ...] = (
          "{py} -m reprod.toy.pretrain vfm_invariant --run-dir {out}/invariant_run --export "
          "--card --out {out}/invariant/toy_vfm_invariant.safetensors)", 480,
          "world 2's pretraining world (lessons.toyworld)", limit_s=570),
-    Step("sweep2", "mkdir -p {out}/sweep2 && cp -rn lessons/weights/checkpoints/world2/. "
-         "{out}/sweep2/ 2>/dev/null; {py} -m reprod.toy.sweep --world 2.0 --jobs 8 "
-         "--out {out}/sweep2", 540, "world 2's toy models in lessons/weights (the "
-         "invariance-taught VFM for its two precondition runs)", limit_s=570),
+    Step("sweep2", "test -f {out}/bf16_ok && mkdir -p {out}/sweep2 && (cp -rn "
+         "lessons/weights/checkpoints/world2/. {out}/sweep2/ 2>/dev/null; {py} -m "
+         "reprod.toy.sweep --world 2.0 --jobs 8 --out {out}/sweep2)", 540,
+         "world 2's toy models in lessons/weights (the invariance-taught VFM for its two "
+         "precondition runs); the bf16 check passed", limit_s=570),
     Step("mamba_ssm", "{py} -m reprod.install_mamba_ssm --sdist {sdist}", 180,
          "--sdist: mamba-ssm's source archive, nvcc", limit_s=420, optional=True),
     Step("pytest_gpu", "{py} -m pytest -m gpu -q -o addopts= tests",

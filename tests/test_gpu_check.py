@@ -24,8 +24,13 @@ def test_dry_run_prints_every_step_with_its_time_and_needs(capsys):
     assert "beyond the budget" in text            # the plan is longer than nine minutes
     finishes = [finish for _, finish in gc.plan(9)]
     assert finishes == sorted(finishes)
-    assert [s.name for s in gc.STEPS][:8] == ["detect", "wheels", "world2", "curves",
+    assert [s.name for s in gc.STEPS][:9] == ["detect", "wheels", "world2", "bf16", "curves",
                                               "invariant", "sweep2", "mamba_ssm", "pytest_gpu"]
+    bf16 = next(s for s in gc.STEPS if s.name == "bf16").command
+    assert "reprod.toy.bf16_check --device cuda" in bf16 and bf16.endswith("touch {out}/bf16_ok")
+    for name in ("curves", "sweep2"):           # they train in bf16 on CUDA: only if it checks
+        assert next(s for s in gc.STEPS if s.name == name).command.startswith(
+            "test -f {out}/bf16_ok && ")
     curves = next(s for s in gc.STEPS if s.name == "curves")
     assert "reprod.toy.curves --jobs 8" in curves.command and curves.limit_s < 600
     assert "toy_curves_world2.json" in gc.COLLECT.values()

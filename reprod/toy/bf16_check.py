@@ -1,12 +1,14 @@
-"""Check: does a training step under CPU bfloat16 autocast compute the gradients float32 does?
+"""Check: does a training step under bfloat16 autocast compute the gradients float32 does?
 
     python -m reprod.toy.bf16_check                         # one method per kind of model
     python -m reprod.toy.bf16_check --methods querydiff tqdm --json runs/bf16.json
+    python -m reprod.toy.bf16_check --device cuda           # before a GPU sweep in bf16
 
-World 2's sweep trains under bfloat16 autocast where the CPU runs it natively (AMX /
-AVX512-BF16), as ``lessons.train.train_step`` does it. A CPU kernel that is wrong in bf16 makes
-no error: a run just learns less, or diverges later (PyTorch 2.14's dilated depthwise convolution
-of a channels-last map did this to QueryDiff's refinement). This takes one source batch of world
+A kernel that is wrong in bf16 makes no error: a run just learns less, or diverges later
+(PyTorch 2.14's CPU dilated depthwise convolution of a channels-last map did this to QueryDiff's
+refinement). World 2's sweep trains in bf16 on a CUDA GPU only, so that is where this must pass
+before a sweep (``reprod.gpu_check`` runs it first; exit status 1 when a layer is off), and on a
+CPU it says why the sweep does not use bf16 there. This takes one source batch of world
 2 (augmented as the sweep augments it), runs the step's forward and backward once in float32 and
 once under bf16 autocast from the same weights, and prints per method:
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,8 +62,8 @@ def _gradients(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)                                 # the same noise draws in both passes
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
-            sdpa_kernel(CPU_BF16_ATTENTION):
+    attention = sdpa_kernel(CPU_BF16_ATTENTION) if images.device.type == "cpu" else nullcontext()
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16), attention:
         loss = sum(compute_losses(model, images, labels).values())
     loss.backward()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
@@ -166,14 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=world2,
                     metavar="METHOD", help=f"default: {' '.join(DEFAULT_METHODS)}")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
-    rows = {}
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU here")
+    rows, any_off = {}, False
     with tw.in_world(tw.TOYWORLD_VERSION):
-        images, labels = _batch()
+        images, labels = (t.to(device) for t in _batch())
         for m in args.methods:
             seed_everything(0)
             spec = METHODS[m]
-            model = build_model(spec.builder, spec.builder_kwargs)
+            model = build_model(spec.builder, spec.builder_kwargs).to(device)
             r = rows[m] = gradient_agreement(model, images, labels)
             layers = r["layers"] = layer_agreement(model, images, labels)
             off = {n: v for n, v in layers.items()
@@ -182,15 +189,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['cosine']:.4f}  worst {r['worst']} ({r['worst_error']:.3f})  layers off "
                   f"{len(off)} of {len(layers)}"
                   + (f"  NON-FINITE {r['non_finite']}" if r["non_finite"] else ""), flush=True)
+            any_off = any_off or bool(off) or bool(r["non_finite"])
             for n, v in off.items():
                 print(f"    {n} {tuple(v['shape'])}{' channels-last' if v['channels_last'] else ''}"
                       f": output {v['output']:.3f}, input grad {v['input_grad']:.3f}, weight "
                       f"grad {v['weight_grad']:.3f}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"hardware": hardware(), "torch": torch.__version__,
+        args.json.write_text(json.dumps({"hardware": hardware(device), "torch": torch.__version__,
                                          "rows": rows}, indent=1) + "\n")
-    return 0
+    return 1 if any_off else 0
 
 
 if __name__ == "__main__":
