@@ -203,11 +203,12 @@ def test_the_projection_adds_the_pieces_of_a_run():
     r = project(c, steps=10, validations=2, val_scenes=5, test_scenes=3, train_scenes=32)
     test = 9 * 3 * (0.001 + 0.02)
     assert r["today"] == pytest.approx(10 * (0.1 + 0.05 + 1.0) + 2 * 5 * 0.021 + test)
-    faster = 2 * 0.1 + 5 * 0.001 + 10 * (0.01 + 0.5) + 2 * 5 * 0.01 + test
+    # world 2's loop on a CPU: cached and batched, in float32 (the bf16 figures are not used)
+    faster = 2 * 0.1 + 5 * 0.001 + 10 * (0.01 + 1.0) + 2 * 5 * 0.02 + test
     assert r["cached and batched"] == pytest.approx(faster)
-    c["step bf16"] = c["forward bf16"] = None          # bf16 emulated: the fp32 figures stand
+    c["step bf16"] = c["forward bf16"] = None
     assert project(c, steps=10, validations=2, val_scenes=5, test_scenes=3,
-                   train_scenes=32)["cached and batched"] > faster
+                   train_scenes=32)["cached and batched"] == pytest.approx(faster)
 
 
 def test_the_sweep_bench_measures_a_method_and_names_a_bad_one(tmp_path, capsys):
