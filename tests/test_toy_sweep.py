@@ -220,9 +220,21 @@ def test_the_sweep_bench_measures_a_method_and_names_a_bad_one(tmp_path, capsys)
     assert "scratch |" in text and "x |" in text
     record = json.loads(out.read_text())
     assert record["pieces"][0]["step fp32"] > 0 and record["runs"]["scratch"]["today"] > 0
+    assert record["pieces"][0]["step GFLOP"] > 0 and record["matmul GFLOP/s"] > 0
+    assert "GFLOP a float32 step" in text and "% of the matmul's rate" in text
     with pytest.raises(SystemExit):
         bench_sweep.main(["--methods", "nope"])
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_the_sweep_bench_counts_a_steps_flops_by_hand():
+    """A linear layer's forward and backward: 2mnk for the forward, twice that for the
+    gradients of its input and weight (the bias and the loss are not counted)."""
+    from reprod.toy.bench_sweep import step_gflop
+
+    layer, x = torch.nn.Linear(8, 4), torch.randn(2, 8, requires_grad=True)
+    assert step_gflop(lambda: layer(x)) == pytest.approx(2 * 2 * 8 * 4 / 1e9)
+    assert step_gflop(lambda: layer(x).sum().backward()) == pytest.approx(3 * 2 * 2 * 8 * 4 / 1e9)
 
 
 def test_the_sweep_bench_times_a_compiled_step_beside_the_eager_one(capsys, monkeypatch):

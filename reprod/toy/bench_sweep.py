@@ -33,6 +33,13 @@ is from the whole.
 ``--compile`` also times the step of a ``torch.compile``-d copy of the model (``nn.Module.compile``,
 inductor; float32): its compilation (the first three steps) and its step.
 
+**The ceiling.** ``step GFLOP`` counts one float32 training step's floating-point operations
+(``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and attention, forward and
+backward; the optimizer and elementwise work are not counted), and the peer measured in the same
+process, ``matmul GFLOP/s``, is the rate a square float32 matmul (``MATMUL_SIZE``) reaches on the
+same threads: the step's rate over the matmul's says how much room is left for a faster
+float32 step on this CPU (a step already near it cannot be made much faster by compiling).
+
 Threads: one by default, as ``python -m reprod.toy.sweep --jobs 2`` runs each job on one.
 """
 
@@ -60,6 +67,7 @@ __all__ = ["DEFAULT_METHODS", "Costs", "main", "measure", "project"]
 
 DEFAULT_METHODS = ("frozen", "rein", "full")
 BATCH, EVAL_BATCH = 16, 32
+MATMUL_SIZE = 1024                # the peer: (1024, 1024) @ (1024, 1024) in float32
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -75,6 +83,22 @@ def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> 
 
 class Costs(dict):
     """Seconds per piece (keys as the module docstring names them; None: not measured)."""
+
+
+def matmul_rate(repeats: int = 5, n: int = MATMUL_SIZE) -> float:
+    """GFLOP/s of a square float32 matmul on this process's threads (the step's peer)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / _median_seconds(lambda: a @ b, max(repeats, 5), warmup=2) / 1e9
+
+
+def step_gflop(step: Callable[[], object]) -> float:
+    """Floating-point operations of one call of ``step`` in GFLOP, as FlopCounterMode counts them
+    (matmuls, convolutions, attention; forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
 
 
 def _render_seconds(dataset: tw.ToyWorld, n: int, offset: int = 0) -> float:
@@ -108,6 +132,7 @@ def measure(method: str, repeats: int = 5, world: str | None = None,
     opt = make_optimizer(model, cfg)
     c["step fp32"] = _median_seconds(lambda: train_step(model, images, labels, opt,
                                                         cfg.grad_clip), repeats)
+    c["step GFLOP"] = step_gflop(lambda: train_step(model, images, labels, opt, cfg.grad_clip))
     native = bf16_autocast_pays(torch.device("cpu"))
     c["step bf16"] = (_median_seconds(lambda: train_step(model, images, labels, opt, cfg.grad_clip,
                                                          autocast_dtype=torch.bfloat16), repeats)
@@ -220,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}; bf16 autocast native: "
           f"{bf16_autocast_pays(torch.device('cpu'))}", flush=True)
     rows, runs, checks = [], {}, {}
+    matmul = matmul_rate(args.repeats)
     for m in args.methods:
         with tw.in_world(args.world):            # its toy models and its loop, too
             rows.append(measure(m, args.repeats, args.world, args.compile))
@@ -231,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     for m, r in runs.items():
         print(f"{m}: the training steps are {100 * r['training step share today']:.0f}% of "
               "today's run")
+    print(f"the peer: a {MATMUL_SIZE}-square float32 matmul runs at {matmul:.0f} GFLOP/s here")
+    for c in rows:
+        rate = c["step GFLOP"] / c["step fp32"]
+        print(f"{c['method']}: {c['step GFLOP']:.1f} GFLOP a float32 step, {rate:.0f} GFLOP/s "
+              f"({100 * rate / matmul:.0f}% of the matmul's rate)")
     for c in rows:
         if "step compiled" in c:
             eager = c["step fp32"]
@@ -243,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"hardware": hardware("cpu"), "threads": args.threads,
-                                         "world": args.world,
+                                         "world": args.world, "matmul GFLOP/s": matmul,
                                          "torch": torch.__version__, "pieces": rows,
                                          "runs": runs, "checks": checks}, indent=1) + "\n")
     return 0
