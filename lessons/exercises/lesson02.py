@@ -17,7 +17,7 @@ from lessons.exercises import exercise, expect, expect_keys, expect_number
 
 __all__ = ["full_baseline", "null_token", "paper_init", "token_count"]
 
-WORLD = "1.0"                      # lesson 02 runs in ToyWorld 1 with its checkpoints
+WORLD = "2.0"                      # lesson 02 runs in ToyWorld 2 with its checkpoints
 TOLERANCE = 0.15                   # mIoU points: one-decimal rounding of two table cells
 TOKEN_LENGTHS = (5, 20, 80)
 BLOCKS = tuple(range(6))           # the toy VFM's blocks
