@@ -99,8 +99,7 @@ SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedul
 # World 2's: the same knobs in the faster loop (module docstring); the augmentation is the
 # method's (``Method.augment``) and bf16 autocast is set on a CUDA GPU (``train_config``). Its
 # budget is what world 2's learning curves chose (``python -m reprod.toy.curves --choose`` on
-# docs/results/toy_curves_world2.json; the rule in reprod.toy.curves, written before they ran),
-# provisionally: 2,000 if neither CAT-Seg nor QueryDiff converges by 1,500 in float32
+# docs/results/toy_curves_world2.json; the rule in reprod.toy.curves, written before they ran)
 SWEEP_TRAIN_2 = dict(SWEEP_TRAIN, steps=1500)
 # A lesson's precondition experiment (world 2 only) shows a mechanism on and off at fewer seeds
 PRECONDITION_SEEDS = (0, 1, 2)
