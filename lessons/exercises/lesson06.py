@@ -42,7 +42,7 @@ def _is_bidirectional_sum(module: nn.Module, first: nn.Module, second: nn.Module
                              "two Mamba(d_model, **kwargs) and forward(x) returns "
                              "m1(x) + m2(x.flip(1)).flip(1) for x (batch, L, d_model)",
           bidirectional_map="its (L, L) influence map: influence(mixer, tokens) with the setup's "
-                            "influence, in float64 as in section 6 (e.g. d_model 8, L 24)",
+                            "influence, in float64 as in section 5 (e.g. d_model 8, L 24)",
           bidirectional_param_ratio="parameters of BidirectionalMamba(8, d_state=4) divided by "
                                     "those of Mamba(8, d_state=4)")
 def bidirectional(BidirectionalMamba, bidirectional_map, bidirectional_param_ratio):
