@@ -509,3 +509,32 @@ def test_budget_bounds_count_a_missing_curve_both_ways():
     assert budget_bounds({"a": fast, "b": fast}, ("a", "b", "c"), grid, 0.6) == (100, 100)
     assert budget_bounds({"a": fast, "b": slow}, ("a", "b", "c"), grid, 0.6) == (100, 200)
     assert budget_bounds({"a": slow}, ("a", "b", "c"), grid, 1.0) == (200, None)
+
+
+def test_a_claimed_run_is_left_to_the_live_process_that_claimed_it(tmp_path, capsys):
+    """Two sweeps over overlapping methods (one per core) never train the same run: a run
+    claimed by a live process is skipped; a claim whose process is gone is taken over."""
+    import os
+    import subprocess
+    import sys
+
+    results_file = tmp_path / RESULTS_FILE.name
+    mine = toy_sweep.claim("frozen/seed0", results_file)
+    assert mine == tmp_path / "toy_sweep.claims" / "frozen_seed0.pid"
+    assert mine.read_text() == str(os.getpid())
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (mine.parent / "rein_seed0.pid").write_text(str(sleeper.pid))    # another live sweep
+        args = ["--methods", "rein", "--seeds", "0", "--steps", "1", "--test-length", "1",
+                "--out", str(tmp_path), "--checkpoint-seeds"]
+        assert toy_sweep.main(args) == 0
+        assert "rein/seed0: trained by another sweep process, skipped" in capsys.readouterr().out
+        assert "rein/seed0" not in load_results(results_file)["runs"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert toy_sweep.main(args) == 0                  # its process is gone: the claim is taken
+    assert "rein/seed0" in load_results(results_file)["runs"]
+    assert not (mine.parent / "rein_seed0.pid").exists()                # released after the run
+    toy_sweep.release(mine)
+    assert not mine.exists()

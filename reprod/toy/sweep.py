@@ -8,7 +8,10 @@
 What runs and how it is read live in ``lessons.benchmark`` (the methods, ``run_one``, the
 summaries); this is the command that runs them. Resumable by run: results are written after each
 (method, seed) run (atomically, under a lock, so sweeps may run in parallel processes) and a run
-with a result for the same protocol and configuration is skipped; ``--force`` reruns. Checkpoints
+with a result for the same protocol and configuration is skipped; ``--force`` reruns. A process
+*claims* each run before it trains it (a file holding its pid in ``toy_sweep.claims/``, made
+atomically), so two sweeps over overlapping methods, one per core, never train the same run: a
+run claimed by a live process is skipped, a claim left by a dead one is taken over. Checkpoints
 (adapters and heads only, fp16, with the ToyWorld version and ``lessons`` digest in their header)
 are kept for ``--checkpoint-seeds`` (default: seed 0), the rest record results only, to keep the
 package's toy weights small. Runs on CPU (the figures in the README are 2 cores) or a GPU.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -45,7 +49,7 @@ from lessons.benchmark import (
     train_config,
 )
 
-__all__ = ["add_result", "main", "start_job"]
+__all__ = ["add_result", "claim", "main", "release", "start_job"]
 
 
 def add_result(key: str, record: dict, path: Path) -> dict:
@@ -66,16 +70,73 @@ def add_result(key: str, record: dict, path: Path) -> dict:
     return results
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # another user's process: alive
+        return True
+    return True
+
+
+def claim(key: str, results_file: Path) -> Path | None:
+    """Claim run ``key`` for this process: ``<results>.claims/<method>_seed<k>.pid`` made with
+    O_EXCL, holding this pid. None when a live process holds the claim; a claim whose process
+    is gone (a sweep killed or ended with its session) is taken over."""
+    folder = results_file.with_suffix(".claims")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (key.replace("/", "_") + ".pid")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            text = path.read_text().strip()
+            if text.isdigit() and int(text) != os.getpid() and _alive(int(text)):
+                return None
+            path.unlink(missing_ok=True)            # stale (or ours from an earlier try)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
+
+
+def release(path: Path | None) -> None:
+    """Give a claim back (after the run's result is written, or when it failed)."""
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
 def start_job(threads: int, world: str) -> None:
     """A job process: its share of the CPU threads, the parent's ToyWorld."""
     torch.set_num_threads(threads)
     tw.use_world(world)
 
 
+def _done(method: str, seed: int, steps: int | None, test_length: int,
+          results_file: Path) -> bool:
+    """Whether the results file holds this run for the same protocol and configuration."""
+    cfg = train_config(method, seed, steps)
+    return is_done(load_results(results_file)["runs"].get(run_key(method, seed)), cfg,
+                   test_length, METHODS[method].augment)
+
+
 def _timed_run(method: str, seed: int, steps: int | None, test_length: int,
-               ckpt: Path | None) -> tuple[dict, float]:
-    start = time.perf_counter()
-    return run_one(method, seed, steps, test_length, ckpt), time.perf_counter() - start
+               ckpt: Path | None, results_file: Path, force: bool = False,
+               ) -> tuple[dict | None, float]:
+    """Train one run under its claim: (record, seconds), or (None, 0) when another live sweep
+    holds the run or finished it since this sweep listed its runs."""
+    owned = claim(run_key(method, seed), results_file)
+    if owned is None or (not force and _done(method, seed, steps, test_length, results_file)):
+        release(owned)
+        return None, 0.0
+    try:
+        start = time.perf_counter()
+        return run_one(method, seed, steps, test_length, ckpt), time.perf_counter() - start
+    finally:
+        release(owned)
 
 
 def _report(key: str, rec: dict, seconds: float) -> None:
@@ -138,7 +199,8 @@ def _sweep(args: argparse.Namespace) -> int:
                 continue
             keep = seed in args.checkpoint_seeds and METHODS[method].keep_checkpoint
             ckpt = checkpoint_path(method, seed, args.out) if keep else None
-            todo.append((key, (method, seed, args.steps, args.test_length, ckpt)))
+            todo.append((key, (method, seed, args.steps, args.test_length, ckpt, results_file,
+                               args.force)))
     failed = []
 
     def keep(key: str, outcome) -> None:
@@ -150,6 +212,9 @@ def _sweep(args: argparse.Namespace) -> int:
         except Exception as e:              # one failed run must not lose the others
             failed.append(key)
             print(f"{key}: failed: {type(e).__name__}: {e}", flush=True)
+            return
+        if rec is None:
+            print(f"{key}: trained by another sweep process, skipped", flush=True)
             return
         results = add_result(key, rec, results_file)
         _report(key, rec, seconds)
