@@ -7,7 +7,8 @@ runs the training pipelines, ``toy`` makes the toy foundation models and runs th
 
 Modules: bench, convert, evaluate, experiment, gpu_check, install_mamba_ssm, models, predict,
 prepare_data, protocols, safe_io, train, course.bench_scan, course.diagrams,
-course.notebook_imports, course.notebooks, course.site, course.student_copies, data.datasets,
-data.pipelines, toy.bench_render, toy.bench_sweep, toy.bf16_check, toy.curves, toy.diffusion,
-toy.gates, toy.preconditions, toy.pretrain, toy.regenerate, toy.resumable, toy.sweep, toy.vlm
+course.notebook_imports, course.notebooks, course.reading_path, course.site, course.student_copies,
+data.datasets, data.pipelines, toy.bench_render, toy.bench_sweep, toy.bf16_check, toy.curves,
+toy.diffusion, toy.gates, toy.preconditions, toy.pretrain, toy.regenerate, toy.resumable,
+toy.sweep, toy.vlm
 """

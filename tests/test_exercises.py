@@ -9,6 +9,7 @@ import pytest
 
 from lessons import exercises as ex
 from reprod.course import student_copies as sc
+from reprod.course.notebooks import lesson_id
 
 
 def _row(values):
@@ -20,10 +21,10 @@ GOOD_01_1 = {"block_results": {"block 2": _row([0.4, 0.25, 0.15, 0.14]),
              "earlier_more_invariant": False}
 
 
-@pytest.mark.parametrize("solutions", sc.all_solutions(), ids=lambda p: p.name[:2])
+@pytest.mark.parametrize("solutions", sc.all_solutions(), ids=lesson_id)
 def test_every_exercise_of_every_lesson_has_a_check(solutions):
     items = sc.lesson_exercises(sc.lesson_path(solutions))
-    lesson = solutions.name[:2]
+    lesson = lesson_id(solutions)
     assert ex.registered(lesson) == sorted(items), f"lesson {lesson}"
     for n in items:
         needs = ex.needed_names(lesson, n)

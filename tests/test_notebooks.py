@@ -21,6 +21,7 @@ import pytest
 from lessons.utils import module_files
 from reprod.course.notebooks import (
     CHECK_TAG,
+    LESSON_GLOB,
     NOTEBOOK_DIR,
     all_notebooks,
     collapse_check_cells,
@@ -30,7 +31,7 @@ from reprod.course.notebooks import (
     tool_path,
 )
 
-LESSONS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+LESSONS = sorted(NOTEBOOK_DIR.glob(LESSON_GLOB))
 ALL = all_notebooks()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reprod.course.notebooks import tool_path
+from reprod.course.notebooks import LESSON_GLOB, tool_path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FILE_BYTES = 1 << 20   # 1 MiB: notebooks keep small figures; weights have their own budget
@@ -84,7 +84,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_lists_every_notebook():
     readme = (ROOT / "README.md").read_text()
-    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for nb in sorted((ROOT / "notebooks").glob(LESSON_GLOB)):
         assert f"notebooks/{nb.name}" in readme, f"README lesson table lacks {nb.name}"
         solution = f"notebooks/solutions/{nb.stem}_solutions.ipynb"
         assert solution in readme, f"README lesson table lacks {solution}"

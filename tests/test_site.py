@@ -16,6 +16,7 @@ import pytest
 
 from reprod.course import site
 from reprod.course.notebook_imports import notebook_imports, resolve
+from reprod.course.notebooks import LESSON_GLOB
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def _needs_browser():
 # ------------------------------------------------------------------------------------------------
 def test_lessons_are_the_notebooks_in_file_name_order():
     found = site.lessons()
-    names = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    names = sorted(p.name for p in (ROOT / "notebooks").glob(LESSON_GLOB))
     assert [Path(ls.path).name for ls in found] == names
     for ls in found:
         assert ls.title and not ls.title.startswith("#")

@@ -20,7 +20,7 @@ import nbformat
 import pytest
 
 from reprod.course import student_copies as sc
-from reprod.course.notebooks import NOTEBOOK_DIR, tool_path
+from reprod.course.notebooks import NOTEBOOK_DIR, lesson_id, tool_path
 
 SOLUTIONS = sc.all_solutions()
 COPIES = [sc.student_path(p) for p in SOLUTIONS]
@@ -114,7 +114,7 @@ def test_pasting_the_answers_gives_the_solutions_code(solutions):
     copy = sc.student_path(solutions)
     _require(copy)
     nb = nbformat.read(solutions, as_version=4)
-    parts = {p.number: p for p in sc.exercise_parts(nb, solutions.name, solutions.name[:2])}
+    parts = {p.number: p for p in sc.exercise_parts(nb, solutions.name, lesson_id(solutions))}
     pasted = []
     for source in _code(nbformat.read(copy, as_version=4).cells):
         if source.startswith(sc.TODO_PREFIX):
@@ -128,11 +128,12 @@ def test_pasting_the_answers_gives_the_solutions_code(solutions):
 @pytest.mark.parametrize("solutions", SOLUTIONS, ids=_ids(COPIES))
 def test_every_check_says_right_in_the_solutions(solutions):
     nb = nbformat.read(solutions, as_version=4)
-    for part in sc.exercise_parts(nb, solutions.name, solutions.name[:2]):
+    for part in sc.exercise_parts(nb, solutions.name, lesson_id(solutions)):
         assert "# NBVAL_CHECK_OUTPUT" in part.check.source   # nbval compares the verdict
         text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
                        for o in part.check.outputs)
-        assert text.startswith(f"Exercise {part.number} of lesson {solutions.name[:2]}: right."), (
+        lesson = lesson_id(solutions)
+        assert text.startswith(f"Exercise {part.number} of lesson {lesson}: right."), (
             f"{solutions.name}, exercise {part.number}: {text!r} (re-run `make notebooks`)")
 
 

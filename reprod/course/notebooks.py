@@ -31,6 +31,7 @@ import nbformat
 
 __all__ = [
     "CHECK_TAG",
+    "LESSON_GLOB",
     "META_KEY",
     "NOTEBOOK_DIR",
     "ROOT",
@@ -41,6 +42,7 @@ __all__ = [
     "imported_modules",
     "is_check_cell",
     "kernel_env",
+    "lesson_id",
     "main",
     "run_in_kernel",
     "stale_reasons",
@@ -51,6 +53,13 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 META_KEY = "dgss_lessons"
 CHECK_TAG = "hide-input"        # MyST-NB: the course website shows the cell behind a toggle
+LESSON_GLOB = "[0-9][0-9]*_*.ipynb"     # 00_dgss_problem.ipynb ... 03a_mask2former.ipynb ...
+
+
+def lesson_id(path: Path | str) -> str:
+    """A lesson's id, its file name up to the first underscore: ``02``, ``03a``, ``03b``; the
+    same for its solutions and its student copy."""
+    return Path(path).name.split("_", 1)[0]
 
 
 def tool_path(name: str) -> str:
@@ -60,8 +69,8 @@ def tool_path(name: str) -> str:
 
 def all_notebooks() -> list[Path]:
     """Every lesson and solution notebook, in lesson order."""
-    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")) + sorted(
-        (NOTEBOOK_DIR / "solutions").glob("[0-9][0-9]_*.ipynb"))
+    return sorted(NOTEBOOK_DIR.glob(LESSON_GLOB)) + sorted(
+        (NOTEBOOK_DIR / "solutions").glob(LESSON_GLOB))
 
 
 def imported_modules(nb: nbformat.NotebookNode) -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import nbformat
 
-from reprod.course.notebooks import NOTEBOOK_DIR, ROOT, is_check_cell
+from reprod.course.notebooks import LESSON_GLOB, NOTEBOOK_DIR, ROOT, is_check_cell
 
 __all__ = ["MAX_CODE_LINES", "MAX_WORDS", "ReadingPath", "lessons", "main", "measure",
            "over_budget"]
@@ -46,7 +46,7 @@ _WORD = re.compile(r"[A-Za-z0-9]")
 
 def lessons() -> list[Path]:
     """The lesson notebooks, in order (their solutions are homework, not the class)."""
-    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(NOTEBOOK_DIR.glob(LESSON_GLOB))
 
 
 @dataclass(frozen=True)

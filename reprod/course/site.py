@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from reprod.course.notebooks import LESSON_GLOB
+
 __all__ = [
     "BROWSER_ARGS", "CONF_DIR", "OUT_DIR", "SHOTS_DIR", "STAGE_DIR", "CheckReport", "Lesson",
     "build_site", "check_site", "doc_pages", "find_chromium", "lessons", "local_images",
@@ -121,7 +123,7 @@ def _title(path: Path) -> str:
 def lessons(root: Path = ROOT) -> list[Lesson]:
     """Every lesson notebook, in file-name order (the lesson order), with its companions."""
     out = []
-    for nb in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for nb in sorted((root / "notebooks").glob(LESSON_GLOB)):
         sol = root / "notebooks" / "solutions" / f"{nb.stem}_solutions.ipynb"
         stu = root / "notebooks" / "students" / f"{nb.stem}_student.ipynb"
         out.append(Lesson(path=nb.relative_to(root).as_posix(), title=_title(nb),

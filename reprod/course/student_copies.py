@@ -45,7 +45,7 @@ from pathlib import Path
 import nbformat
 
 from lessons.exercises import needed_names
-from reprod.course.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env
+from reprod.course.notebooks import META_KEY, NOTEBOOK_DIR, ROOT, kernel_env, lesson_id
 
 __all__ = [
     "BADGE_RE",
@@ -84,7 +84,7 @@ STUDENTS_DIR = NOTEBOOK_DIR / "students"
 SOLUTIONS_SUFFIX = "_solutions.ipynb"
 STUDENT_SUFFIX = "_student.ipynb"
 
-TITLE_RE = re.compile(r"^# (?P<num>\d\d) · Solutions: (?P<title>.+)$", re.M)
+TITLE_RE = re.compile(r"^# (?P<num>\d\d[a-z]?) · Solutions: (?P<title>.+)$", re.M)
 BADGE_RE = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\((?P<url>[^)]*)\)")
 EXERCISE_RE = re.compile(r"^## Exercise (?P<num>\d+): (?P<title>.+)$", re.M)
 EXERCISES_RE = re.compile(r"^## Exercises[ \t]*$", re.M)
@@ -128,7 +128,7 @@ def lesson_path(solutions: Path) -> Path:
 
 def all_solutions() -> list[Path]:
     """Every solutions notebook, in lesson order."""
-    return sorted(SOLUTIONS_DIR.glob(f"[0-9][0-9]_*{SOLUTIONS_SUFFIX}"))
+    return sorted(SOLUTIONS_DIR.glob(f"[0-9][0-9]*_*{SOLUTIONS_SUFFIX}"))
 
 
 def _rel(path: Path) -> str:
@@ -233,7 +233,7 @@ def exercise_parts(nb: nbformat.NotebookNode, name: str, lesson: str) -> list[Ex
 def exercise_code_cells(solutions: Path) -> list[str]:
     """The sources of the solutions' answer cells (given and check cells left out)."""
     nb = nbformat.read(solutions, as_version=4)
-    lesson = solutions.name[:2]
+    lesson = lesson_id(solutions)
     return [c.source for p in exercise_parts(nb, _rel(solutions), lesson) for c in p.answer]
 
 
