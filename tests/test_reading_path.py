@@ -5,13 +5,13 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from reprod.course import reading_path as rp
+from reprod.course.notebooks import lesson_id
 
 # Lessons still longer than one class, each with the reason it waits. They are trimmed as their
-# results sections move onto ToyWorld 2 (the rewrite that changes them anyway); notebook 03 is
-# split in two then. The test below fails when one of them fits, so this list cannot go stale.
+# results sections move onto ToyWorld 2 (the rewrite that changes them anyway). The test below
+# fails when one of them fits, so this list cannot go stale.
 WAITING = {
     "02_rein.ipynb": "its precondition sections 8-9 land with the invariance-taught VFM's runs",
-    "03_text_queries.ipynb": "split into Mask2Former and text queries with its world-2 rewrite",
     "04_catseg.ipynb": "trimmed with its world-2 rewrite",
     "05_querydiff.ipynb": "trimmed with its world-2 rewrite",
     "07_mfuser.ipynb": "trimmed with its world-2 rewrite",
@@ -63,7 +63,7 @@ def test_a_notebook_over_its_class_says_what_is_over(tmp_path):
     assert rp.main(["--check", str(path)]) == 1
 
 
-@pytest.mark.parametrize("path", rp.lessons(), ids=lambda p: p.name[:2])
+@pytest.mark.parametrize("path", rp.lessons(), ids=lesson_id)
 def test_every_lesson_fits_one_class(path):
     over = rp.measure(path).over()
     if path.name in WAITING:

@@ -12,7 +12,8 @@ name           what it shows                              notebook
 ============== ========================================== ====================================
 rein           one Rein layer between frozen ViT blocks,  ``02_rein.ipynb``
                and the link from its tokens to the queries
-tqdm           Mask2Former with class-text queries        ``03_text_queries.ipynb``
+tqdm           Mask2Former with class-text queries        ``03a_mask2former.ipynb``,
+                                                          ``03b_text_queries.ipynb``
 catseg         CAT-Seg's cost volume and its aggregation  ``04_catseg.ipynb``
 querydiff      agent queries, the diffusion teacher at    ``05_querydiff.ipynb``
                two noise levels, the consistency loss
@@ -508,7 +509,7 @@ def rein() -> Diagram:
     g.arrow([wq.bottom, red.top], "Q_{i} `(N, m, q)`", t=0.5)
     wq2 = g.box(612, 420, 158, 40, ["W_{Q'} (merge)", "3q → q"], size=12.5)
     g.arrow([red.bottom, wq2.top], "`(m, 3q)`", t=0.5)
-    dec = g.box(612, 530, 158, 70, ["Mask2Former", "decoder (notebook 03)", "position Q,",
+    dec = g.box(612, 530, 158, 70, ["Mask2Former", "decoder (notebook 03a)", "position Q,",
                                     "content querys2feat(Q)"], size=12.5)
     g.arrow([wq2.bottom, dec.top], "Q `(m, q)`", t=0.5)
     g.legend(766)
@@ -516,12 +517,12 @@ def rein() -> Diagram:
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Mask2Former with class-text queries: tqdm (notebook 03, lessons/mask2former.py)
+# 2. Mask2Former with class-text queries: tqdm (notebooks 03a-03b, lessons/mask2former.py)
 # ------------------------------------------------------------------------------------------------
 def tqdm() -> Diagram:
     g = Diagram("tqdm", 930, "tqdm: Mask2Former whose queries are the class names' text embeddings",
                 "Query k starts from the text embedding of class k, so it is matched to class k "
-                "(identity matching).\nToy sizes (notebook 03): B images of H x W = 64 x 128, "
+                "(identity matching).\nToy sizes (notebook 03b): B images of H x W = 64 x 128, "
                 "C = 192, grid h x w = 8 x 16, E = 128, K = Q = 19 classes, D = 64.")
     # inputs and the two towers
     img = g.box(70, 84, 160, 38, ["image", "`(B, 3, H, W)`"], "io")
@@ -659,9 +660,9 @@ def querydiff() -> Diagram:
     # the segmentor (left)
     img = g.box(35, 84, 160, 38, ["image", "`(B, 3, H, W)`"], "io")
     enc = g.box(20, 150, 190, 54, ["toy VFM, frozen", "+ Rein tokens (trained)",
-                                   "as in notebooks 02-03"], "partial")
+                                   "as in notebooks 02-03a"], "partial")
     g.arrow([img.bottom, (img.cx, enc.y)])
-    pix = g.box(20, 256, 190, 44, ["neck + pixel decoder", "Mask2Former (notebook 03)"],
+    pix = g.box(20, 256, 190, 44, ["neck + pixel decoder", "Mask2Former (notebook 03a)"],
                 size=12.5)
     g.arrow([enc.bottom, pix.top], "L = 4 maps `(B, c, h, w)`", t=0.5)
     agen = g.box(230, 256, 190, 74, ["agent queries", "pool each layer's tokens",
@@ -815,7 +816,7 @@ def mfuser() -> Diagram:
     maps = g.op(290, 518, 220, 44, ["maps at blocks 1, 2, 3, 5", "[d | v] on channels"])
     g.arrow([(xd, 540), maps.left])
     g.arrow([(xv, 540), maps.right])
-    m2f = g.box(210, 712, 290, 58, ["tqdm's Mask2Former (notebook 03)",
+    m2f = g.box(210, 712, 290, 58, ["tqdm's Mask2Former (notebook 03b)",
                                     "SimpleFPN, 19 text queries,", "identity matching"])
     g.arrow([maps.bottom, (maps.cx, m2f.y)], "`(B, 2C, h, w)`", t=0.6)
     loss = g.box(210, 818, 290, 44, ["mask-classification loss", "+ pixel-text alignment"], "loss")
@@ -850,7 +851,7 @@ DIAGRAMS: dict[str, Callable[[], Diagram]] = {
 }
 NOTEBOOKS = {
     "rein": "02_rein.ipynb",
-    "tqdm": "03_text_queries.ipynb",
+    "tqdm": "03b_text_queries.ipynb",
     "catseg": "04_catseg.ipynb",
     "querydiff": "05_querydiff.ipynb",
     "selective_scan": "06_mamba_from_scratch.ipynb",
