@@ -7,12 +7,13 @@ from collections.abc import Mapping
 
 import torch
 
-from lessons.exercises import NotYet, exercise, expect, expect_keys
+from lessons.exercises import NotYet, exercise, expect, expect_keys, expect_number
 
-__all__ = ["points"]
+__all__ = ["masked_attention", "points"]
 
 POINTS = (50, 200, 2000)
 KINDS = ("importance", "uniform")
+LAYERS = 6                         # the toy transformer decoder's layers
 
 
 def _draws(value, what: str) -> torch.Tensor:
@@ -71,3 +72,71 @@ def points(every_pixel_loss, point_draws, importance_raises_bce, noise_falls_wit
            "`noise_falls_with_points` does not agree with the spread of your draws.")
     return ("the every-pixel loss and the ten draws of each estimate are measured, and your "
             "conclusions follow from them.")
+
+
+def _attention_shares() -> tuple[list[float], list[float]]:
+    """The exercise, recomputed on the trained Rein + Mask2Former (seed 0 of the current
+    world's sweep) and the first 16 source test scenes: per decoder layer, the share of memory
+    pixels a query may attend to and the share of queries whose attention is not masked."""
+    import torch.nn.functional as F
+
+    from lessons import toyworld as tw
+    from lessons.benchmark import checkpoint_path
+    from lessons.checkpoints import load_lesson_checkpoint
+
+    test = tw.ToyWorld("synthetic", "test", size=(64, 128), length=16, seed=0)
+    images = torch.stack([test[k][0] for k in range(len(test))])             # (16, 3, H, W)
+    model, _ = load_lesson_checkpoint(checkpoint_path("rein_m2f", 0))
+    model.eval()
+    with torch.no_grad():
+        preds = model(images)[0]
+    sizes = [(64 // s, 128 // s) for s in (32, 16, 8)] * 2
+    visible, open_ = [], []
+    for layer, size in enumerate(sizes):
+        shown = F.interpolate(preds[layer].mask_logits, size=size, mode="bilinear",
+                              align_corners=False).sigmoid().flatten(2) >= 0.5   # (B, Q, hw)
+        shown = shown | ~shown.any(-1, keepdim=True)       # an empty mask: attends everywhere
+        visible.append(shown.float().mean().item())
+        open_.append(shown.all(-1).float().mean().item())
+    return visible, open_
+
+
+def _shares(value, what: str) -> list[float]:
+    expect(isinstance(value, (list, tuple)) and len(value) == LAYERS,
+           f"`{what}` should be a list of {LAYERS} numbers, one per decoder layer.")
+    return [expect_number(v, f"`{what}[{i}]`", 0.0, 1.0) for i, v in enumerate(value)]
+
+
+@exercise("03a", 2,
+          visible_share="list of 6 floats: for each decoder layer, the share of the memory's "
+                        "pixels a query may attend to (its previous mask at the memory's size, "
+                        "sigmoid >= 0.5; an empty mask attends everywhere), over the 16 test "
+                        "images and all queries",
+          sees_all_share="list of 6 floats: for each decoder layer, the share of (image, query) "
+                         "pairs whose attention is not masked at all",
+          narrows_with_depth="True or False: at every memory level, is the visible share of "
+                             "the second pass (layers 3-5) below that of the first (layers 0-2)?")
+def masked_attention(visible_share, sees_all_share, narrows_with_depth):
+    visible = _shares(visible_share, "visible_share")
+    open_ = _shares(sees_all_share, "sees_all_share")
+    expect(all(o <= v + 1e-6 for o, v in zip(open_, visible, strict=True)),
+           "a share of queries that see everything above the share of visible pixels: a query "
+           "that sees everything counts fully in both.")
+    expect(all(v > 0 for v in visible),
+           "a layer where no query sees anything: Mask2Former lets a query whose mask is empty "
+           "attend everywhere.")
+    expect(isinstance(narrows_with_depth, bool), "`narrows_with_depth` should be a bool.")
+    expect(narrows_with_depth == all(visible[i + 3] < visible[i] for i in range(3)),
+           "`narrows_with_depth` does not agree with your `visible_share` (compare layer i + 3 "
+           "with layer i: the same memory level, one pass deeper).")
+    ref_visible, ref_open = _attention_shares()
+    expect(all(abs(a - b) < 1e-3 for a, b in zip(visible, ref_visible, strict=True)),
+           "`visible_share` does not match the trained model: for layer i use prediction i (the "
+           "initial one for layer 0) at the size of the memory layer i attends to (strides 32, "
+           "16, 8, 32, 16, 8), bilinear, align_corners=False.")
+    expect(all(abs(a - b) < 1e-3 for a, b in zip(open_, ref_open, strict=True)),
+           "`sees_all_share` does not match the trained model: count the queries whose every "
+           "memory pixel is visible, empty masks included.")
+    return ("the attention masks of the six layers are measured, and your conclusion follows "
+            "from them.")
+
