@@ -136,3 +136,24 @@ def test_what_counts_as_a_check_cell():
     assert collapse_check_cells(nb) == 1
     assert nb.cells[0].metadata == {"tags": [CHECK_TAG], "jupyter": {"source_hidden": True}}
     assert nb.cells[1].metadata == {}
+
+
+def test_a_solutions_notebook_depends_on_its_own_lessons_checks_only():
+    """Editing one lesson's exercise checks makes that lesson's solutions stale, not the
+    others': the digest holds lessons.exercises' package and the checks the notebook calls."""
+    from reprod.course.notebooks import exercise_lessons, expected_metadata
+
+    new = nbformat.v4.new_code_cell
+    nb = nbformat.v4.new_notebook(cells=[
+        new("from lessons.exercises import check_exercise"),
+        new('check_exercise("03a", 2, globals())'),
+        new("check_exercise('02', 1, globals())")])
+    assert exercise_lessons(nb) == ["02", "03a"]
+    mods = expected_metadata(nb)["lessons_modules"]
+    assert {"exercises/__init__", "exercises/lesson02", "exercises/lesson03a"} <= set(mods)
+    assert not any(m.startswith("exercises/lesson0") and m[-2:] not in ("02", "3a")
+                   for m in mods), mods
+    assert "benchmark" in mods                  # lesson03a's checks import lessons.benchmark
+    nb.cells[1].source = 'check_exercise("99", 1, globals())'
+    with pytest.raises(ValueError, match="lesson99.py does not exist"):
+        expected_metadata(nb)

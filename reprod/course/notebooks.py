@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +40,7 @@ __all__ = [
     "all_notebooks",
     "collapse_check_cells",
     "execute",
+    "exercise_lessons",
     "expected_metadata",
     "imported_modules",
     "is_check_cell",
@@ -130,14 +133,53 @@ def collapse_check_cells(nb: nbformat.NotebookNode) -> int:
     return count
 
 
-def expected_metadata(nb: nbformat.NotebookNode) -> dict:
-    """What ``metadata.dgss_lessons`` must say for outputs made by the code as it is now."""
-    from lessons.toyworld import TOYWORLD_VERSION
-    from lessons.utils import lessons_digest, module_closure
+_CHECK_CALL = re.compile(r"""check_exercise\(\s*["']([0-9]{2}[a-z]?)["']""")
 
-    mods = module_closure(imported_modules(nb))
-    return {"toyworld_version": TOYWORLD_VERSION, "lessons_modules": mods,
-            "lessons_digest": lessons_digest(mods)}
+
+def exercise_lessons(nb: nbformat.NotebookNode) -> list[str]:
+    """The lessons whose exercise checks a notebook calls: ``check_exercise("03a", ...)``."""
+    return sorted({m for cell in nb.cells if cell.cell_type == "code"
+                   for m in _CHECK_CALL.findall(cell.source)})
+
+
+def _code_files(nb: nbformat.NotebookNode) -> list[tuple[str, Path]]:
+    """(name, file) of the ``lessons`` code a notebook's outputs depend on: the modules it
+    imports with their own imports, where ``lessons.exercises`` counts as its package and the
+    checks of the lessons the notebook calls, not every lesson's (so editing one lesson's checks
+    leaves the other solutions fresh)."""
+    from lessons.utils import PACKAGE_DIR, lessons_imports, module_closure, module_files
+
+    direct = set(imported_modules(nb))
+    files = []
+    if "exercises" in direct:
+        direct.discard("exercises")
+        package = PACKAGE_DIR / "exercises"
+        checks = [package / "__init__.py"] + [package / f"lesson{m}.py"
+                                               for m in exercise_lessons(nb)]
+        for f in checks:
+            if not f.exists():
+                raise ValueError(f"{f.relative_to(ROOT)} does not exist (a check_exercise call "
+                                 f"names a lesson without checks)")
+            files.append((f"exercises/{f.name}", f))
+            direct |= lessons_imports(f.read_text("utf-8")) - {"exercises"}
+    for m in module_closure(direct) if direct else []:
+        files += [(m if f.name == f"{m}.py" else f"{m}/{f.name}", f) for f in module_files(m)]
+    return sorted(files)
+
+
+def expected_metadata(nb: nbformat.NotebookNode) -> dict:
+    """What ``metadata.dgss_lessons`` must say for outputs made by the code as it is now: the
+    ToyWorld version, the ``lessons`` code its outputs depend on (:func:`_code_files`) and the
+    sha256 (16 hex digits) of that code."""
+    from lessons.toyworld import TOYWORLD_VERSION
+
+    files = _code_files(nb)
+    h = hashlib.sha256()
+    for name, f in files:
+        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return {"toyworld_version": TOYWORLD_VERSION,
+            "lessons_modules": [name.removesuffix(".py") for name, _ in files],
+            "lessons_digest": h.hexdigest()[:16]}
 
 
 def stale_reasons(path: Path) -> list[str]:
