@@ -110,9 +110,9 @@ STEPS: tuple[Step, ...] = (
     Step("bf16", "{py} -m reprod.toy.bf16_check --device cuda --json {out}/bf16_check.json "
          "&& touch {out}/bf16_ok", 90, "world 2's three toy models in lessons/weights (the "
          "curves and the sweep train in bf16 on CUDA: they run only if it passes)", limit_s=300),
-    Step("curves", "test -f {out}/bf16_ok && (cp -n docs/results/toy_curves_world2.json {out}/ "
-         "2>/dev/null; {py} -m reprod.toy.curves --jobs 8 --out {out}/toy_curves_world2.json)",
-         300,
+    Step("curves", "test -f {out}/bf16_ok && (cp -n lessons/weights/checkpoints/world2/"
+         "toy_curves.json {out}/toy_curves_world2.json 2>/dev/null; {py} -m reprod.toy.curves "
+         "--jobs 8 --out {out}/toy_curves_world2.json)", 300,
          "world 2's three toy models in lessons/weights", limit_s=540),
     Step("invariant", "test -f lessons/weights/toy_vfm_invariant.safetensors || "
          "({py} -m reprod.toy.pretrain vfm_invariant --device cuda --until-done "

@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 
 from lessons import toyworld as tw
-from lessons.benchmark import METHODS, run_one
+from lessons.benchmark import METHODS, run_one, sweep_dir
 from reprod.toy.sweep import add_result, start_job
 
 __all__ = ["CURVES_FILE", "EVERY", "GRID", "LONG", "MAIN_METHODS", "QUORUM", "TOLERANCE",
            "budget_bounds", "choose_budget", "converged_at", "main"]
 
-CURVES_FILE = Path(__file__).resolve().parents[2] / "docs" / "results" / "toy_curves_world2.json"
+# beside world 2's sweep results, in the package: notebook 08 shows the curves (also on Colab)
+CURVES_FILE = sweep_dir(tw.TOYWORLD_VERSION) / "toy_curves.json"
 # notebook 08's six main methods (the papers' ranking is compared on them) and the two
 # VLM-only models of lessons 03-04, each trained the sweep's way
 MAIN_METHODS = ("frozen", "full", "rein", "rein_m2f", "tqdm", "catseg", "querydiff", "mfuser")
