@@ -7,15 +7,11 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from reprod.course import reading_path as rp
 from reprod.course.notebooks import lesson_id
 
-# Lessons still longer than one class, each with the reason it waits. They are trimmed as their
-# results sections move onto ToyWorld 2 (the rewrite that changes them anyway). The test below
-# fails when one of them fits, so this list cannot go stale.
+# Lessons still longer than one class, each with the reason it waits. The test below fails when
+# one of them fits, so this list cannot go stale.
 WAITING = {
     "02_rein.ipynb": "its precondition sections 8-9 land with the invariance-taught VFM's runs "
                      "and the forgetting curves, and the lesson is trimmed around them",
-    "04_catseg.ipynb": "trimmed with its world-2 rewrite",
-    "05_querydiff.ipynb": "trimmed with its world-2 rewrite",
-    "07_mfuser.ipynb": "trimmed with its world-2 rewrite",
 }
 
 
