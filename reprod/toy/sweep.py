@@ -71,7 +71,7 @@ def add_result(key: str, record: dict, path: Path) -> dict:
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this machine."""
+    """Whether a process with this pid runs on this machine (POSIX: signal 0 only checks)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,10 +84,13 @@ def _alive(pid: int) -> bool:
 def claim(key: str, results_file: Path) -> Path | None:
     """Claim run ``key`` for this process: ``<results>.claims/<method>_seed<k>.pid`` made with
     O_EXCL, holding this pid. None when a live process holds the claim; a claim whose process
-    is gone (a sweep killed or ended with its session) is taken over."""
+    is gone (a sweep killed or ended with its session) is taken over. On Windows no claim is
+    made (liveness cannot be checked there without ending the process): one sweep at a time."""
     folder = results_file.with_suffix(".claims")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (key.replace("/", "_") + ".pid")
+    if os.name == "nt":         # os.kill(pid, 0) would end that process: one sweep at a time
+        return path
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
