@@ -9,10 +9,7 @@ from reprod.course.notebooks import lesson_id
 
 # Lessons still longer than one class, each with the reason it waits. The test below fails when
 # one of them fits, so this list cannot go stale.
-WAITING = {
-    "02_rein.ipynb": "its precondition sections 8-9 land with the invariance-taught VFM's runs "
-                     "and the forgetting curves, and the lesson is trimmed around them",
-}
+WAITING: dict[str, str] = {}
 
 
 def test_prose_words_leave_out_formulas_links_images_and_table_rules():
