@@ -118,11 +118,9 @@ def start_job(threads: int, world: str) -> None:
     tw.use_world(world)
 
 
-def _done(method: str, seed: int, steps: int | None, test_length: int,
-          results_file: Path) -> bool:
-    """Whether the results file holds this run for the same protocol and configuration."""
-    cfg = train_config(method, seed, steps)
-    return is_done(load_results(results_file)["runs"].get(run_key(method, seed)), cfg,
+def _done(results: dict, method: str, seed: int, steps: int | None, test_length: int) -> bool:
+    """Whether ``results`` hold this run for the same protocol and configuration."""
+    return is_done(results["runs"].get(run_key(method, seed)), train_config(method, seed, steps),
                    test_length, METHODS[method].augment)
 
 
@@ -132,7 +130,8 @@ def _timed_run(method: str, seed: int, steps: int | None, test_length: int,
     """Train one run under its claim: (record, seconds), or (None, 0) when another live sweep
     holds the run or finished it since this sweep listed its runs."""
     owned = claim(run_key(method, seed), results_file)
-    if owned is None or (not force and _done(method, seed, steps, test_length, results_file)):
+    if owned is None or (not force and _done(load_results(results_file), method, seed, steps,
+                                             test_length)):
         release(owned)
         return None, 0.0
     try:
@@ -194,10 +193,7 @@ def _sweep(args: argparse.Namespace) -> int:
             if seed not in seeds_of(method):         # an ablation's seed 0, or not this world
                 continue
             key = run_key(method, seed)
-            cfg = train_config(method, seed, args.steps)
-            done = is_done(results["runs"].get(key), cfg, args.test_length,
-                            METHODS[method].augment)
-            if not args.force and done:
+            if not args.force and _done(results, method, seed, args.steps, args.test_length):
                 print(f"{key}: done, skipped")
                 continue
             keep = seed in args.checkpoint_seeds and METHODS[method].keep_checkpoint
