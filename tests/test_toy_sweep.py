@@ -211,6 +211,28 @@ def test_the_projection_adds_the_pieces_of_a_run():
                    train_scenes=32)["cached and batched"] == pytest.approx(faster)
 
 
+def test_the_plan_times_a_run_by_its_own_runs_its_curve_or_a_method_like_it():
+    def rec(method, seconds):
+        return {"method": method, "seconds": seconds}
+
+    results = {"runs": {"frozen/seed0": rec("frozen", 300.0), "frozen/seed1": rec("frozen", 500.0),
+                        "rein/seed0": rec("rein", 600.0)}}
+    curves = {"tqdm": {"train_config": {"steps": 2000}, "seconds": 4000.0}}
+    seconds = lambda m: toy_sweep.run_seconds(results, m, curves, steps=1500)  # noqa: E731
+    assert seconds("frozen") == (400.0, "2 run(s)")
+    assert seconds("tqdm") == (3000.0, "its curve x0.75")
+    assert seconds("frozen_invariant") == (400.0, "like frozen: 2 run(s)")    # same use of the VFM
+    assert seconds("rein_invariant") == (600.0, "like rein: 1 run(s)")
+    assert seconds("tqdm_learnable") == (3000.0, "like tqdm: its curve x0.75")
+    assert seconds("querydiff") == (None, "unknown")
+    text = toy_sweep.plan(results, [("frozen_invariant", 0), ("frozen_invariant", 1),
+                                    ("querydiff", 0)], curves, steps=1500, cores=2)
+    assert "| frozen_invariant | 2 | 400 | like frozen: 2 run(s) | 0.2 |" in text
+    assert "| querydiff | 1 | ? | unknown | ? |" in text
+    assert "3 run(s) left: 0.2 single-core hours known, about 0.1 h on 2 cores, plus 1 method(s) " \
+           "of unknown time: ['querydiff']" in text
+
+
 def test_the_sweep_bench_measures_a_method_and_names_a_bad_one(tmp_path, capsys):
     from reprod.toy import bench_sweep
 

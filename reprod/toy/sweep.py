@@ -4,6 +4,7 @@
     python -m reprod.toy.sweep --methods rein --seeds 0     # one run
     python -m reprod.toy.sweep --table                      # print the results table only
     python -m reprod.toy.sweep --jobs 2                     # two runs at a time (processes)
+    python -m reprod.toy.sweep --world 2.0 --plan           # what is left, and how long it takes
 
 What runs and how it is read live in ``lessons.benchmark`` (the methods, ``run_one``, the
 summaries); this is the command that runs them. Resumable by run: results are written after each
@@ -49,7 +50,7 @@ from lessons.benchmark import (
     train_config,
 )
 
-__all__ = ["add_result", "claim", "main", "release", "start_job"]
+__all__ = ["add_result", "claim", "main", "plan", "release", "run_seconds", "start_job"]
 
 
 def add_result(key: str, record: dict, path: Path) -> dict:
@@ -141,6 +142,61 @@ def _timed_run(method: str, seed: int, steps: int | None, test_length: int,
         release(owned)
 
 
+def run_seconds(results: dict, method: str, curves: dict | None = None,
+                steps: int | None = None) -> tuple[float | None, str]:
+    """Seconds one run of ``method`` takes, and where the figure comes from: the mean of its
+    recorded runs, else its learning curve (``curves``: ``reprod.toy.curves``' runs, scaled to
+    ``steps``); failing both, the same of a method *like* it (the same builder, and for the
+    segmentor the same use of the encoder: ``frozen_invariant`` is like ``frozen``,
+    ``catseg_all`` like ``catseg``); else (None, "unknown"). An estimate for planning, made on
+    the hardware the runs name, which need not be this machine's."""
+    def own(name: str) -> tuple[float | None, str]:
+        done = [r["seconds"] for r in results["runs"].values()
+                if r["method"] == name and "seconds" in r]
+        if done:
+            return float(np.mean(done)), f"{len(done)} run(s)"
+        curve = (curves or {}).get(name)
+        if curve is not None and steps:
+            scale = steps / curve["train_config"]["steps"]
+            return curve["seconds"] * scale, f"its curve x{scale:.2f}"
+        return None, "unknown"
+
+    seconds, source = own(method)
+    if seconds is not None:
+        return seconds, source
+    spec = METHODS[method]
+    for name, other in METHODS.items():
+        if (name != method and other.builder == spec.builder
+                and other.builder_kwargs.get("method") == spec.builder_kwargs.get("method")):
+            seconds, source = own(name)
+            if seconds is not None:
+                return seconds, f"like {name}: {source}"
+    return None, "unknown"
+
+
+def plan(results: dict, todo: list[tuple[str, int]], curves: dict | None = None,
+         steps: int | None = None, cores: int = 2) -> str:
+    """The runs still to do, method by method, with the time they are expected to take
+    (:func:`run_seconds`), in single-core hours and in wall hours on ``cores`` one-thread
+    processes (the sweep's way on a CPU)."""
+    lines = ["| method | runs left | s / run | from | hours |", "|---|---|---|---|---|"]
+    known, unknown = 0.0, []
+    for method in dict.fromkeys(m for m, _ in todo):
+        n = sum(1 for m, _ in todo if m == method)
+        seconds, source = run_seconds(results, method, curves, steps)
+        if seconds is None:
+            unknown.append(method)
+            lines.append(f"| {method} | {n} | ? | {source} | ? |")
+            continue
+        known += n * seconds
+        lines.append(f"| {method} | {n} | {seconds:.0f} | {source} | {n * seconds / 3600:.1f} |")
+    lines.append(f"\n{len(todo)} run(s) left: {known / 3600:.1f} single-core hours known, "
+                 f"about {known / 3600 / cores:.1f} h on {cores} cores"
+                 + (f", plus {len(unknown)} method(s) of unknown time: {unknown}" if unknown
+                    else ""))
+    return "\n".join(lines)
+
+
 def _report(key: str, rec: dict, seconds: float) -> None:
     targets = [v for d, v in rec["miou"].items() if d != tw.SOURCE_DOMAIN]
     print(f"{key}: {seconds:.0f} s, val {100 * rec['val_miou']:.1f} (step {rec['best_step']}), "
@@ -167,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                          "lessons.benchmark.sweep_dir)")
     ap.add_argument("--force", action="store_true", help="rerun runs that have results")
     ap.add_argument("--table", action="store_true", help="print the results table and exit")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the runs still to do and their expected time, and exit")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs trained at a time, in that many processes (default: 1)")
     args = ap.parse_args(argv)
@@ -194,12 +252,20 @@ def _sweep(args: argparse.Namespace) -> int:
                 continue
             key = run_key(method, seed)
             if not args.force and _done(results, method, seed, args.steps, args.test_length):
-                print(f"{key}: done, skipped")
+                if not args.plan:
+                    print(f"{key}: done, skipped")
                 continue
             keep = seed in args.checkpoint_seeds and METHODS[method].keep_checkpoint
             ckpt = checkpoint_path(method, seed, args.out) if keep else None
             todo.append((key, (method, seed, args.steps, args.test_length, ckpt, results_file,
                                args.force)))
+    if args.plan:
+        from reprod.toy.curves import CURVES_FILE
+
+        curves = json.loads(CURVES_FILE.read_text())["runs"] if CURVES_FILE.is_file() else {}
+        steps = args.steps or train_config(args.methods[0], 0).steps
+        print(plan(results, [(key.split("/")[0], 0) for key, _ in todo], curves, steps))
+        return 0
     failed = []
 
     def keep(key: str, outcome) -> None:
