@@ -76,6 +76,28 @@ def test_teacher_noise_is_shared_and_seedable(teacher, batch):
     assert weak_change < strong_change
 
 
+def test_the_teacher_stops_after_its_last_hook_and_reads_the_same_features(teacher, batch):
+    """Reading features stops the U-Net once its last hooked layer has run; the features equal
+    those the same hooks see in a whole forward, and a plain call of the U-Net still runs whole."""
+    images, _ = batch
+    t_w = teacher.timesteps[0]
+    ran = []
+    spy = teacher.unet.conv_out.register_forward_hook(lambda *args: ran.append("conv_out"))
+    try:
+        read = teacher.features_at(images, [t_w], torch.Generator().manual_seed(0))[0]
+        assert ran == []                              # nothing after the last hook ran
+        z0 = teacher.encode(images)
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+        t = torch.full((images.shape[0],), t_w)
+        teacher._captured = []
+        teacher.unet(teacher.scheduler.add_noise(z0, noise, t), t)          # the whole U-Net
+        assert ran == ["conv_out"]
+        assert len(read) == len(teacher._captured) == len(teacher.layers)
+        assert all(torch.equal(a, b.float()) for a, b in zip(read, teacher._captured, strict=True))
+    finally:
+        spy.remove()
+
+
 def test_cache_features_equals_seeded_features(teacher, batch):
     images, _ = batch
     cached = qd.cache_features(teacher, images, batch_size=2, seed=5)
