@@ -225,8 +225,8 @@ def test_the_plan_times_a_run_by_its_own_runs_its_curve_or_a_method_like_it():
     assert seconds("rein_invariant") == (600.0, "like rein: 1 run(s)")
     assert seconds("tqdm_learnable") == (3000.0, "like tqdm: its curve x0.75")
     assert seconds("querydiff") == (None, "unknown")
-    text = toy_sweep.plan(results, [("frozen_invariant", 0), ("frozen_invariant", 1),
-                                    ("querydiff", 0)], curves, steps=1500, cores=2)
+    text = toy_sweep.plan(results, ["frozen_invariant", "frozen_invariant", "querydiff"], curves,
+                          steps=1500, cores=2)
     assert "| frozen_invariant | 2 | 400 | like frozen: 2 run(s) | 0.2 |" in text
     assert "| querydiff | 1 | ? | unknown | ? |" in text
     assert "3 run(s) left: 0.2 single-core hours known, about 0.1 h on 2 cores, plus 1 method(s) " \

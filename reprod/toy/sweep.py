@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -174,15 +175,14 @@ def run_seconds(results: dict, method: str, curves: dict | None = None,
     return None, "unknown"
 
 
-def plan(results: dict, todo: list[tuple[str, int]], curves: dict | None = None,
+def plan(results: dict, todo: list[str], curves: dict | None = None,
          steps: int | None = None, cores: int = 2) -> str:
-    """The runs still to do, method by method, with the time they are expected to take
-    (:func:`run_seconds`), in single-core hours and in wall hours on ``cores`` one-thread
-    processes (the sweep's way on a CPU)."""
+    """The runs still to do (``todo``: one method name per run), method by method, with the time
+    they are expected to take (:func:`run_seconds`), in single-core hours and in wall hours on
+    ``cores`` one-thread processes (the sweep's way on a CPU)."""
     lines = ["| method | runs left | s / run | from | hours |", "|---|---|---|---|---|"]
     known, unknown = 0.0, []
-    for method in dict.fromkeys(m for m, _ in todo):
-        n = sum(1 for m, _ in todo if m == method)
+    for method, n in Counter(todo).items():
         seconds, source = run_seconds(results, method, curves, steps)
         if seconds is None:
             unknown.append(method)
@@ -264,7 +264,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
         curves = json.loads(CURVES_FILE.read_text())["runs"] if CURVES_FILE.is_file() else {}
         steps = args.steps or train_config(args.methods[0], 0).steps
-        print(plan(results, [(key.split("/")[0], 0) for key, _ in todo], curves, steps))
+        print(plan(results, [run[0] for _, run in todo], curves, steps))
         return 0
     failed = []
 
