@@ -67,9 +67,10 @@ from lessons.utils import (
 __all__ = [
     "CLAIMS", "METHODS", "PAPER_ROWS", "PRECONDITION_SEEDS", "RESULTS_FILE", "RUNTIME_KEYS",
     "SWEEP_TRAIN", "SWEEP_TRAIN_2", "Claim", "Method", "checkpoint_path", "claims_table",
-    "cpu_bf16", "is_done", "load_results", "markdown_table", "paired_difference", "paper_mean",
-    "per_class_difference", "per_seed", "rank_agreement", "run_key", "run_one", "seeds_of",
-    "summary", "sweep_dir", "sweep_train", "t_interval", "train_config",
+    "cpu_bf16", "forgetting_file", "is_done", "load_forgetting", "load_results", "markdown_table",
+    "paired_difference", "paper_mean", "per_class_difference", "per_seed", "rank_agreement",
+    "run_key", "run_one", "seeds_of", "summary", "sweep_dir", "sweep_train", "t_interval",
+    "train_config",
 ]
 
 RESULTS_FILE = CHECKPOINT_DIR / "toy_sweep.json"     # world 1's sweep (``sweep_dir("1.0")``)
@@ -99,7 +100,8 @@ SWEEP_TRAIN = dict(steps=500, batch_size=16, lr=1e-3, weight_decay=0.05, schedul
 # World 2's: the same knobs in the faster loop (module docstring); the augmentation is the
 # method's (``Method.augment``) and bf16 autocast is set on a CUDA GPU (``train_config``). Its
 # budget is what world 2's learning curves chose (``python -m reprod.toy.curves --choose`` on
-# docs/results/toy_curves_world2.json; the rule in reprod.toy.curves, written before they ran)
+# lessons/weights/checkpoints/world2/toy_curves.json; the rule in reprod.toy.curves, written
+# before they ran)
 SWEEP_TRAIN_2 = dict(SWEEP_TRAIN, steps=1500)
 # A lesson's precondition experiment (world 2 only) shows a mechanism on and off at fewer seeds
 PRECONDITION_SEEDS = (0, 1, 2)
@@ -143,7 +145,8 @@ METHODS: dict[str, Method] = {
     "rein_invariant": Method("02_rein", _SEG, {"method": "rein", "encoder": _INVARIANT},
                              label="Rein, invariance-taught VFM", keep_checkpoint=False,
                              worlds=("2.0",), precondition=True),
-    # notebook 03: Mask2Former heads (Rein's query link on the VFM; tqdm's text queries on the VLM)
+    # notebooks 03a and 03b: Mask2Former heads (03a: Rein's query link on the VFM; 03b: tqdm's text
+    # queries on the VLM); their checkpoints share one folder, 03_text_queries
     "rein_m2f": Method("03_text_queries", _REIN_M2F, label="Rein + Mask2Former (query link)"),
     # world 2's like-for-like control of Rein + Mask2Former and QueryDiff: the same head and
     # matching on the frozen VFM, Mask2Former's learnable queries, no Rein
@@ -167,7 +170,7 @@ METHODS: dict[str, Method] = {
                                     train={"grad_clip": 0.01},
                                     label="CAT-Seg without aggregation (raw cost + upsampling)",
                                     keep_checkpoint=False, worlds=("2.0",)),
-    # notebook 05: QueryDiff on notebook 03's Rein + Mask2Former, with and without the toy
+    # notebook 05: QueryDiff on notebook 03a's Rein + Mask2Former, with and without the toy
     # diffusion teacher's guidance; the open choices (Huber target, alpha) at seed 0
     "querydiff": Method("05_querydiff", _QUERYDIFF, label="QueryDiff (diffusion-guided)"),
     "querydiff_no_dcl": Method("05_querydiff", _QUERYDIFF, {"alpha": 0.0},
@@ -188,7 +191,7 @@ METHODS: dict[str, Method] = {
                                 label="QueryDiff, alpha 10", seeds=(0,), keep_checkpoint=False,
                                 explore=True),
     # notebook 07: MFuser on the frozen toy VFM + toy VLM, and the fusions its Tables 3, 4 and 6
-    # compare (seed 0); Rein (VFM only) and tqdm (VLM only) are notebook 03's runs
+    # compare (seed 0); Rein (VFM only) and tqdm (VLM only) are notebooks 03a's and 03b's runs
     "mfuser": Method("07_mfuser", _MFUSER, label="MFuser (MVFuser + MTEnhancer)"),
     "mfuser_self_attention": Method("07_mfuser", _MFUSER, {"fusion": "self_attention"},
                                     label="self-attention over [VFM; VLM]", seeds=(0,),
@@ -454,6 +457,28 @@ def load_results(path: Path | None = None) -> dict:
     if not path.exists():
         return {"runs": {}}
     return json.loads(path.read_text())
+
+
+def forgetting_file() -> Path:
+    """Where notebook 02's forgetting curves are (``python -m reprod.toy.preconditions
+    forgetting`` writes them): beside world 2's sweep results."""
+    return sweep_dir("2.0") / "forgetting.json"
+
+
+def load_forgetting(path: Path | None = None) -> dict[tuple[str, float], dict[int, dict]]:
+    """Notebook 02's forgetting curves by (method, encoder learning-rate multiplier) and seed.
+
+    Each curve is a dict: ``steps``, the steps it was read at (n,), and every target it read
+    (``citylike``, ``streetview``): its mIoU (a fraction) at those steps (n,). Empty where the
+    file does not exist yet.
+    """
+    path = forgetting_file() if path is None else path
+    if not path.exists():
+        return {}
+    curves: dict[tuple[str, float], dict[int, dict]] = {}
+    for rec in json.loads(path.read_text())["runs"].values():
+        curves.setdefault((rec["method"], float(rec["lr_mult"])), {})[rec["seed"]] = rec["curve"]
+    return {key: dict(sorted(by_seed.items())) for key, by_seed in sorted(curves.items())}
 
 
 def cpu_bf16(record: dict) -> bool:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from lessons import toyworld as tw
-from lessons.benchmark import METHODS, PRECONDITION_SEEDS, sweep_dir, train_config
+from lessons.benchmark import METHODS, PRECONDITION_SEEDS, forgetting_file, train_config
 from lessons.checkpoints import build_model
 from lessons.train import evaluate, train
 from lessons.utils import hardware, seed_everything
@@ -44,7 +44,7 @@ TEST_LENGTH = 100                 # test scenes per target at each reading
 
 def results_file() -> Path:
     """Where the forgetting curves go: beside world 2's sweep results."""
-    return sweep_dir(tw.TOYWORLD_VERSION) / "forgetting.json"
+    return forgetting_file()
 
 
 def run_key(method: str, lr_mult: float, seed: int) -> str:
